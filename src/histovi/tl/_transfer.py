@@ -1,0 +1,131 @@
+"""Label transfer from a reference to a query through their shared latent space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import LATENT_KEY
+from ._utils import check_adata, get_obs_column, get_rep, record_settings
+
+
+def _knn_weights(distances: np.ndarray) -> np.ndarray:
+    """Gaussian-kernel weights of each query's k neighbours, rows summing to 1.
+
+    Same kernel as scArches' ``weighted_knn_transfer``: with ``s`` the standard deviation of
+    a query's k distances, ``w = exp(-d / (2 / s)^2)``, normalised per row. When all k
+    distances are equal (``s == 0``) the weights are uniform.
+    """
+    stds = distances.std(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        scale = np.where(stds > 0, (2.0 / np.where(stds > 0, stds, 1.0)) ** 2, np.inf)
+    kernel = np.exp(-distances / scale)
+    return kernel / kernel.sum(axis=1, keepdims=True)
+
+
+def transfer_labels(
+    reference: AnnData,
+    query: AnnData,
+    label_key: str = "domain",
+    use_rep: str = LATENT_KEY,
+    n_neighbors: int = 15,
+    key_added: str | None = None,
+    inplace: bool = True,
+) -> pd.DataFrame | None:
+    """Transfer labels from ``reference`` to ``query`` by a distance-weighted kNN vote.
+
+    For each query spot the ``n_neighbors`` nearest labelled reference spots in the latent
+    space are found (exact search, :class:`sklearn.neighbors.NearestNeighbors`), weighted with
+    the Gaussian kernel of scArches' ``weighted_knn_transfer`` and their labels voted.
+
+    Parameters
+    ----------
+    reference
+        AnnData with labels in ``reference.obs[label_key]`` (missing labels are ignored) and
+        the latent in ``reference.obsm[use_rep]``.
+    query
+        AnnData with the latent in ``query.obsm[use_rep]`` of the same width (e.g. from a
+        query model of :meth:`histovi.HistoVI.load_query_data`).
+    label_key
+        ``reference.obs`` column of the labels to transfer.
+    use_rep
+        ``obsm`` key of the latent in both objects.
+    n_neighbors
+        Number of reference neighbours (capped at the number of labelled reference spots).
+    key_added
+        ``query.obs`` column written; defaults to ``label_key``. The uncertainty goes to
+        ``f"{key_added}_uncertainty"``.
+    inplace
+        Write into ``query.obs`` (default) or return a DataFrame with both columns.
+
+    Returns
+    -------
+    ``None`` when ``inplace=True``; otherwise a DataFrame indexed like ``query.obs`` with the
+    predicted label (categorical with the reference's categories) and the uncertainty
+    ``1 - max vote probability``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    check_adata(reference, "reference")
+    check_adata(query, "query")
+    key = key_added or label_key
+    hint = (
+        "compute the latent for this object (e.g. model.get_latent_representation(adata)) and "
+        "store it there, or pass `use_rep=` naming an existing obsm key"
+    )
+    ref_rep = get_rep(reference, use_rep, "reference", hint=hint)
+    qry_rep = get_rep(query, use_rep, "query", hint=hint)
+    if ref_rep.shape[1] != qry_rep.shape[1]:
+        raise ValueError(
+            f"reference.obsm['{use_rep}'] has {ref_rep.shape[1]} dimensions but "
+            f"query.obsm['{use_rep}'] has {qry_rep.shape[1]}: both must come from the same model "
+            "(map the query with HistoVI.load_query_data(query, reference_model) and take its "
+            "latent)."
+        )
+    if not isinstance(n_neighbors, int | np.integer) or n_neighbors < 1:
+        raise ValueError(f"`n_neighbors`={n_neighbors!r} must be a positive integer.")
+    labels = get_obs_column(
+        reference,
+        label_key,
+        "reference",
+        hint="compute domains on the reference first (histovi.tl.domains(reference)) or pass "
+        "`label_key=` naming an existing column",
+    )
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        categories = list(labels.cat.categories)
+    else:
+        categories = sorted(labels.dropna().unique().tolist(), key=str)
+    known = labels.notna().to_numpy()
+    if not known.any():
+        raise ValueError(
+            f"reference.obs['{label_key}'] has no non-missing label: label some reference spots "
+            "first."
+        )
+    codes = pd.Categorical(labels[known], categories=categories).codes
+    n_cat = len(categories)
+    k = int(min(n_neighbors, known.sum()))
+    nn = NearestNeighbors(n_neighbors=k).fit(ref_rep[known])
+    distances, indices = nn.kneighbors(qry_rep)
+    weights = _knn_weights(distances)
+    probs = np.zeros((query.n_obs, n_cat))
+    rows = np.repeat(np.arange(query.n_obs), k)
+    np.add.at(probs, (rows, codes[indices].ravel()), weights.ravel())
+    best = probs.argmax(axis=1)
+    result = pd.DataFrame(
+        {
+            key: pd.Categorical.from_codes(best, categories=categories),
+            f"{key}_uncertainty": 1.0 - probs.max(axis=1),
+        },
+        index=query.obs_names,
+    )
+    if not inplace:
+        return result
+    query.obs[key] = result[key]
+    query.obs[f"{key}_uncertainty"] = result[f"{key}_uncertainty"]
+    record_settings(
+        query,
+        "transfer_labels",
+        {"label_key": label_key, "use_rep": use_rep, "n_neighbors": k, "key_added": key},
+    )
+    return None

@@ -1,0 +1,230 @@
+"""Tests of histovi.metrics against hand-computed values on tiny examples."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from histovi import metrics
+
+# 6 labelled spots: labels a a b b c c, clusters 0 0 1 1 1 1.
+# Pair counts: same-label pairs 3, same-cluster pairs 1 + 6 = 7, both 3, all pairs 15.
+# ARI = (3 - 3*7/15) / ((3+7)/2 - 3*7/15) = 1.6 / 3.6
+TOY_ARI = 1.6 / 3.6
+# clusters are a function of the labels, so MI = H(clusters); NMI (arithmetic) = 2 MI / (H_l + H_c)
+_H_C = -(1 / 3 * np.log(1 / 3) + 2 / 3 * np.log(2 / 3))
+TOY_NMI = 2 * _H_C / (np.log(3) + _H_C)
+
+
+def _toy_adata() -> ad.AnnData:
+    labels = ["a", "a", "b", "b", "c", "c", "undetermined", None, None, "a", "b", "b"]
+    clusters = ["0", "0", "1", "1", "1", "1", "0", "1", "0", "5", "5", "6"]
+    samples = ["s1"] * 9 + ["s2"] * 3
+    obs = pd.DataFrame(
+        {"label": labels, "domain": pd.Categorical(clusters), "sample": samples},
+        index=[f"spot{i}" for i in range(12)],
+    )
+    return ad.AnnData(np.zeros((12, 1), dtype=np.float32), obs=obs)
+
+
+def test_per_sample_scores_hand_computed():
+    df = metrics.per_sample_scores(_toy_adata(), "label", "domain")
+    assert list(df.columns) == ["sample", "n_spots", "ARI", "NMI"]
+    s1 = df.set_index("sample").loc["s1"]
+    assert s1["n_spots"] == 6  # undetermined and missing labels skipped
+    assert s1["ARI"] == pytest.approx(TOY_ARI)
+    assert s1["NMI"] == pytest.approx(TOY_NMI)
+    # s2: labels a b b, clusters 5 5 6 -> pairs: same-label 1, same-cluster 1, both 0, total 3
+    # ARI = (0 - 1/3) / (1 - 1/3) = -0.5
+    assert df.set_index("sample").loc["s2", "ARI"] == pytest.approx(-0.5)
+
+
+def test_per_sample_scores_skips_unlabelled_samples_and_validates():
+    adata = _toy_adata()
+    adata.obs.loc[adata.obs["sample"] == "s2", "label"] = None
+    df = metrics.per_sample_scores(adata, "label", "domain")
+    assert list(df["sample"]) == ["s1"]
+    with pytest.raises(KeyError, match=r"obs\['clusters'\].*histovi.tl.domains"):
+        metrics.per_sample_scores(adata, "label", "clusters")
+    with pytest.raises(ValueError, match="no usable label"):
+        metrics.per_sample_scores(adata, "label", "domain", ignore=("a", "b", "c", "undetermined"))
+
+
+def _protocol_data(seed: int = 0):
+    """Two labelled sections and one unlabelled with an extra population, in 3-D."""
+    rng = np.random.default_rng(seed)
+    centers = np.array([[0, 0, 0], [6, 0, 0], [0, 6, 0]], dtype=float)
+    lab = np.repeat([0, 1, 2], 20)
+    X = np.vstack([centers[lab] + rng.normal(scale=0.3, size=(60, 3)) for _ in range(2)])
+    labels = np.array(["tumour", "stroma", "fat"], dtype=object)[np.concatenate([lab, lab])]
+    labels[:5] = "undetermined"  # still clustered, never scored, not a class
+    samples = np.array(["A1"] * 60 + ["B1"] * 60, dtype=object)
+    # unlabelled section: same populations
+    X3 = centers[lab] + rng.normal(scale=0.3, size=(60, 3))
+    X = np.vstack([X, X3])
+    labels = np.concatenate([labels, np.full(60, np.nan, dtype=object)])
+    samples = np.concatenate([samples, np.array(["C1"] * 60, dtype=object)])
+    return X, labels, samples
+
+
+def test_cluster_and_score_protocol():
+    X, labels, samples = _protocol_data()
+    df = metrics.cluster_and_score(X, labels, samples, seeds=(0, 1, 2))
+    assert list(df.columns) == ["method", "seed", "n_clusters", "sample", "n_spots", "ARI", "NMI"]
+    assert (df["n_clusters"] == 3).all()  # 'undetermined' and NaN are not classes
+    assert set(df["sample"]) == {"A1", "B1"}  # the unlabelled section is clustered, not scored
+    assert len(df) == 2 * 3 * 2
+    assert (df.loc[df["sample"] == "A1", "n_spots"] == 55).all()
+    assert (df.loc[df["sample"] == "B1", "n_spots"] == 60).all()
+    np.testing.assert_allclose(df["ARI"], 1.0)
+    summary = metrics.summarize(df)
+    assert list(summary["method"]) == ["gmm", "kmeans"]
+    np.testing.assert_allclose(summary["ARI_mean"], 1.0)
+    assert (summary["n_seeds"] == 3).all()
+
+
+def test_cluster_and_score_clusters_all_spots(monkeypatch):
+    """The clustering sees every spot of the pool, labelled or not."""
+    import histovi.metrics._clustering as mod
+
+    seen = []
+
+    def fake_cluster(X, k, method, random_state=0):
+        seen.append((X.shape[0], k))
+        return np.arange(X.shape[0]) % k
+
+    monkeypatch.setattr(mod, "cluster_embedding", fake_cluster)
+    X, labels, samples = _protocol_data()
+    metrics.cluster_and_score(X, labels, samples, methods=("kmeans",), seeds=(0,))
+    assert seen == [(180, 3)]
+    metrics.cluster_and_score(X, labels, samples, n_clusters=5, methods=("kmeans",), seeds=(0,))
+    assert seen[-1] == (180, 5)
+
+
+def test_cluster_and_score_errors():
+    X, labels, samples = _protocol_data()
+    with pytest.raises(ValueError, match="one row per spot"):
+        metrics.cluster_and_score(X[:10], labels, samples)
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.cluster_and_score(X, labels, samples[:5])
+    bad = X.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN/inf"):
+        metrics.cluster_and_score(bad, labels, samples)
+
+
+def test_summarize_hand_computed():
+    df = pd.DataFrame(
+        {
+            "embedding": ["pca"] * 4 + ["histovi"] * 4,
+            "method": ["kmeans"] * 8,
+            "seed": [0, 0, 1, 1] * 2,
+            "sample": ["A1", "B1"] * 4,
+            "ARI": [0.2, 0.4, 0.4, 0.6, 0.5, 0.5, 0.7, 0.7],
+            "NMI": [0.1] * 8,
+        }
+    )
+    out = metrics.summarize(df).set_index("embedding")
+    # pca: per-seed means 0.3 and 0.5 -> mean 0.4, std (ddof=1) = sqrt(0.02)
+    assert out.loc["pca", "ARI_mean"] == pytest.approx(0.4)
+    assert out.loc["pca", "ARI_std"] == pytest.approx(np.sqrt(0.02))
+    assert out.loc["histovi", "ARI_mean"] == pytest.approx(0.6)
+    assert out.loc["histovi", "NMI_std"] == pytest.approx(0.0)
+    with pytest.raises(KeyError, match="seed"):
+        metrics.summarize(df.drop(columns="seed"))
+
+
+def _line_adata(labels, samples=None) -> ad.AnnData:
+    n = len(labels)
+    nbrs = np.stack([np.arange(n) - 1, np.arange(n) + 1], axis=1)
+    nbrs[nbrs >= n] = -1
+    obs = pd.DataFrame({"domain": pd.Categorical(labels)}, index=[str(i) for i in range(n)])
+    if samples is not None:
+        obs["sample"] = samples
+    adata = ad.AnnData(np.zeros((n, 1), dtype=np.float32), obs=obs)
+    adata.obsm["spatial_neighbors"] = nbrs.astype(np.int64)
+    return adata
+
+
+def test_spatial_coherence_line_graph():
+    # 0 0 0 1 1 1 on a line: 10 directed pairs, 8 agree; chance 0.5^2 + 0.5^2 = 0.5
+    df = metrics.spatial_coherence(_line_adata(["0", "0", "0", "1", "1", "1"]))
+    overall = df.iloc[-1]
+    assert overall["sample"] == "all" and overall["n_pairs"] == 10
+    assert overall["coherence"] == pytest.approx(0.8)
+    assert overall["expected"] == pytest.approx(0.5)
+    assert overall["kappa"] == pytest.approx(0.6)
+    # alternating labels: no neighbour pair agrees
+    alt = metrics.spatial_coherence(_line_adata(["0", "1"] * 3)).iloc[-1]
+    assert alt["coherence"] == 0.0 and alt["kappa"] == pytest.approx(-1.0)
+
+
+def test_spatial_coherence_per_sample_drops_cross_links():
+    adata = _line_adata(["0", "0", "1", "1"], samples=["a", "a", "b", "b"])
+    df = metrics.spatial_coherence(adata).set_index("sample")
+    # the 1<->2 link crosses samples and is dropped: 2 pairs per sample, all agreeing
+    assert df.loc["a", "n_pairs"] == 2 and df.loc["a", "coherence"] == 1.0
+    assert df.loc["all", "n_pairs"] == 4 and df.loc["all", "coherence"] == 1.0
+    with pytest.raises(KeyError, match=r"obsm\['knn'\].*spatial_neighbors"):
+        metrics.spatial_coherence(adata, neighbors_key="knn")
+
+
+def _integration_adata(mixed: bool) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    lab = np.repeat([0, 1], 60)
+    batch = np.tile([0, 1], 60)
+    X = rng.normal(scale=0.2, size=(120, 3))
+    X[:, 0] += 5 * lab
+    if not mixed:
+        X[:, 1] += 5 * batch  # batches separated inside each label
+    labels = np.array(["x", "y"], dtype=object)[lab]
+    labels[:4] = None
+    obs = pd.DataFrame(
+        {"label": labels, "sample": np.array(["b0", "b1"])[batch]},
+        index=[str(i) for i in range(120)],
+    )
+    adata = ad.AnnData(np.zeros((120, 1), dtype=np.float32), obs=obs)
+    adata.obsm["X_histovi"] = X
+    return adata
+
+
+def test_integration_scores_rank_mixing():
+    good = metrics.integration_scores(_integration_adata(True), label_key="label", n_neighbors=30)
+    bad = metrics.integration_scores(_integration_adata(False), label_key="label", n_neighbors=30)
+    assert list(good["metric"]) == [m for m, _ in metrics.INTEGRATION_METRICS]
+    assert set(good["kind"]) == {"batch", "bio"}
+    g, b = good.set_index("metric")["value"], bad.set_index("metric")["value"]
+    assert g["iLISI"] > 0.8 > 0.2 > b["iLISI"]
+    assert g["silhouette_batch"] > b["silhouette_batch"]
+    assert g["cLISI"] == pytest.approx(1.0, abs=1e-3)  # labels perfectly separated in both
+    assert g["graph_connectivity"] == pytest.approx(1.0)
+    assert ((good["value"] >= 0) & (good["value"] <= 1.0 + 1e-6)).all()
+
+
+def test_integration_scores_errors():
+    adata = _integration_adata(True)
+    with pytest.raises(KeyError, match=r"obs\['celltype'\]"):
+        metrics.integration_scores(adata, label_key="celltype")
+    one = adata.copy()
+    one.obs["sample"] = "b0"
+    with pytest.raises(ValueError, match="single batch"):
+        metrics.integration_scores(one, label_key="label")
+
+
+def test_evaluate_combines_everything():
+    adata = _integration_adata(True)
+    nbrs = np.stack([np.arange(120) - 2, np.arange(120) + 2], axis=1)  # same batch: step 2
+    nbrs[(nbrs < 0) | (nbrs >= 120)] = -1
+    adata.obsm["spatial_neighbors"] = nbrs.astype(np.int64)
+    adata.obs["domain"] = pd.Categorical((adata.obsm["X_histovi"][:, 0] > 2.5).astype(int))
+    table = metrics.evaluate(
+        adata, label_key="label", cluster_key="domain", seeds=(0,), methods=("kmeans",)
+    )
+    assert list(table.columns) == ["group", "method", "metric", "value", "std"]
+    assert set(table["group"]) == {"clustering", "domains", "spatial", "batch", "bio"}
+    ari = table.query("group == 'clustering' and metric == 'ARI'")["value"].item()
+    assert ari == pytest.approx(1.0)
+    coh = table.query("group == 'spatial' and metric == 'coherence'")["value"].item()
+    assert 0.9 < coh <= 1.0
