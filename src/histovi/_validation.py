@@ -1,0 +1,130 @@
+"""Input checks shared by the public entry points. Each error names the key and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+def obs_names_digest(adata: AnnData) -> str:
+    """Short digest of ``obs_names``: detects that row numbers refer to another AnnData."""
+    h = hashlib.sha1()
+    for name in adata.obs_names:
+        h.update(name.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def require_obs(adata: AnnData, key: str, hint: str) -> None:
+    if key not in adata.obs:
+        raise KeyError(f"adata.obs['{key}'] not found. {hint}")
+
+
+def require_obsm(adata: AnnData, key: str, hint: str) -> np.ndarray:
+    if key not in adata.obsm:
+        raise KeyError(f"adata.obsm['{key}'] not found. {hint}")
+    value = adata.obsm[key]
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    value = np.asarray(value)
+    if value.ndim != 2 or value.shape[0] != adata.n_obs:
+        raise ValueError(
+            f"adata.obsm['{key}'] must be a 2-D array with one row per spot ({adata.n_obs}), "
+            f"got shape {value.shape}."
+        )
+    return value
+
+
+def get_counts(adata: AnnData, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"adata.layers['{layer}'] not found (layers: {list(adata.layers)}). Pass the layer "
+            "that holds raw counts, or layer=None to use adata.X."
+        )
+    return adata.layers[layer]
+
+
+def check_counts(adata: AnnData, layer: str | None, n_check: int = 20_000) -> None:
+    """Raw counts must be finite, non-negative integers (checked on up to ``n_check`` rows)."""
+    X = get_counts(adata, layer)
+    where = f"adata.layers['{layer}']" if layer is not None else "adata.X"
+    if X is None:
+        raise ValueError(f"{where} is empty: store raw counts there.")
+    rows = X[: min(n_check, X.shape[0])]
+    values = rows.data if sp.issparse(rows) else np.asarray(rows)
+    if hasattr(values, "compute"):  # dask
+        values = values.compute()
+    values = np.asarray(values)
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{where} contains NaN or inf: counts must be finite raw UMI counts.")
+    if values.min() < 0:
+        raise ValueError(
+            f"{where} contains negative values: pass raw counts (e.g. layer='counts'), "
+            "not scaled or log-transformed data."
+        )
+    if not np.allclose(values, np.round(values)):
+        raise ValueError(
+            f"{where} contains non-integer values: HistoVI models raw UMI counts; pass the layer "
+            "with raw counts (e.g. layer='counts') instead of normalised data."
+        )
+
+
+def check_finite_or_nan_rows(values: np.ndarray, key: str) -> np.ndarray:
+    """Morphology-like views: a row is either all finite or all NaN (missing). Returns the mask."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isinf(values).any():
+        raise ValueError(
+            f"adata.obsm['{key}'] contains inf values: recompute the embedding, or set the rows of "
+            "spots without a valid tile to NaN (they are then treated as missing)."
+        )
+    nan = np.isnan(values)
+    partial = nan.any(1) & ~nan.all(1)
+    if partial.any():
+        raise ValueError(
+            f"adata.obsm['{key}'] has {int(partial.sum())} rows with some but not all values NaN: "
+            "a spot's embedding must be complete or entirely NaN (missing)."
+        )
+    return ~nan.all(1)
+
+
+def check_neighbors(
+    adata: AnnData, key: str, sample_key: str | None, check_digest: bool = True
+) -> np.ndarray:
+    """Validate a fixed-k neighbour index matrix; return it as int64."""
+    hint = (
+        "Compute it with histovi.pp.spatial_neighbors(adata, sample_key=..., "
+        f"key_added='{key}'), or pass neighbors_key=None to train without the neighbourhood view."
+    )
+    nbrs = require_obsm(adata, key, hint)
+    if not np.issubdtype(nbrs.dtype, np.integer):
+        if not np.all(np.isfinite(nbrs)) or not np.allclose(nbrs, np.round(nbrs)):
+            raise ValueError(f"adata.obsm['{key}'] must hold integer row indices. {hint}")
+    nbrs = nbrs.astype(np.int64)
+    if nbrs.size and (nbrs.min() < 0 or nbrs.max() >= adata.n_obs):
+        raise ValueError(
+            f"adata.obsm['{key}'] has neighbour indices outside [0, {adata.n_obs}): they refer to "
+            f"rows of another AnnData (was it subset after computing neighbours?). {hint}"
+        )
+    record = adata.uns.get("histovi", {}).get("spatial_neighbors", {})
+    if check_digest and record.get("key_added") == key and "obs_names_digest" in record:
+        if record["obs_names_digest"] != obs_names_digest(adata):
+            raise ValueError(
+                f"adata.obsm['{key}'] was computed on a different set or order of spots (the AnnData "
+                f"was subset, reordered or concatenated since). {hint}"
+            )
+    if sample_key is not None and sample_key in adata.obs:
+        codes = adata.obs[sample_key].astype("category").cat.codes.to_numpy()
+        crossing = codes[nbrs] != codes[:, None]
+        if crossing.any():
+            raise ValueError(
+                f"adata.obsm['{key}'] links {int(crossing.any(1).sum())} spots to neighbours in "
+                f"another sample ('{sample_key}'): neighbours must lie within the same section. {hint}"
+            )
+    return nbrs

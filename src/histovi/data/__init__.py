@@ -1,0 +1,1 @@
+"""Data loading: minibatches with gathered spatial neighbours."""

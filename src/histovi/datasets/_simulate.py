@@ -1,0 +1,286 @@
+"""A seeded multi-patient simulator of spatial transcriptomics: histovi's built-in default data.
+
+The simulated tissue is built so that each view of a spot has something to add:
+
+================== ================= ================= ===================================
+domain             expression        morphology        what separates it
+================== ================= ================= ===================================
+tumour             own programme     own               expression
+stroma_adjacent    stroma            stroma            neighbourhood only (next to tumour)
+stroma_distal      stroma            stroma            neighbourhood only (far from tumour)
+immune             own programme     own               expression
+gland              gland             gland             morphology only
+gland_in_situ      gland             atypical gland    morphology only
+adipose            own programme     own               expression
+================== ================= ================= ===================================
+
+Patients differ by gene-wise log-fold shifts (the patient effect that makes naive pooling cluster
+by patient), sections by smaller shifts and library size, and each section's morphology
+embedding by its own stain/scanner shift. Some domains are absent in some patients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+DOMAINS = (
+    "tumour",
+    "stroma_adjacent",
+    "stroma_distal",
+    "immune",
+    "gland",
+    "gland_in_situ",
+    "adipose",
+)
+# Which expression programme and which morphology class each domain uses (see module table).
+_EXPRESSION_PROGRAMME = {
+    "tumour": 0,
+    "stroma_adjacent": 1,
+    "stroma_distal": 1,
+    "immune": 2,
+    "gland": 3,
+    "gland_in_situ": 3,
+    "adipose": 4,
+}
+_MORPHOLOGY_CLASS = {
+    "tumour": 0,
+    "stroma_adjacent": 1,
+    "stroma_distal": 1,
+    "immune": 2,
+    "gland": 3,
+    "gland_in_situ": 4,
+    "adipose": 5,
+}
+# Domains absent from a patient, cycled over patients (patient 0 has every domain).
+_ABSENT_BY_PATIENT = ((), ("immune",), ("tumour", "stroma_adjacent"), ("adipose",))
+
+SPOT_SPACING_UM = 100.0  # Visium centre-to-centre distance
+SPOT_DIAMETER_UM = 55.0
+
+
+def _hex_grid(n_rows: int, n_cols: int) -> np.ndarray:
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    x = cols * SPOT_SPACING_UM + (rows % 2) * SPOT_SPACING_UM / 2
+    y = rows * SPOT_SPACING_UM * np.sqrt(3) / 2
+    return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
+
+
+def _section_layout(
+    xy: np.ndarray, absent: tuple[str, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """Assign a domain to every spot of one section: bands, blobs and a ring around the tumour."""
+    x, y = xy[:, 0], xy[:, 1]
+    width, height = np.ptp(x), np.ptp(y)
+    u, v = (x - x.min()) / width, (y - y.min()) / height
+    phase = rng.uniform(0, 2 * np.pi)
+    domain = np.full(len(xy), "stroma_distal", dtype=object)
+
+    # Adipose: a wavy band along the top; glands: a wavy band along the bottom, split in two halves
+    # (normal gland vs in situ) that differ only in morphology.
+    adipose_edge = 0.82 + 0.05 * np.sin(2 * np.pi * u + phase)
+    domain[v > adipose_edge] = "adipose"
+    gland_edge = 0.25 + 0.05 * np.sin(3 * np.pi * u + phase)
+    gland = v < gland_edge
+    split = rng.uniform(0.35, 0.65)
+    domain[gland & (u < split)] = "gland"
+    domain[gland & (u >= split)] = "gland_in_situ"
+
+    # Tumour: a blob in the middle band; the stroma within ~2 spot rings of it is "adjacent".
+    centre = np.array([rng.uniform(0.3, 0.7) * width, rng.uniform(0.45, 0.6) * height])
+    centre += xy.min(0)
+    radius = rng.uniform(0.14, 0.2) * width
+    dist = np.linalg.norm(xy - centre, axis=1)
+    in_middle = (v >= gland_edge) & (v <= adipose_edge)
+    if "tumour" not in absent:
+        domain[(dist < radius) & in_middle] = "tumour"
+        ring = (dist >= radius) & (dist < radius + 2.2 * SPOT_SPACING_UM) & in_middle
+        domain[ring] = "stroma_adjacent"
+
+    # Immune infiltrate: a few small blobs in the distal stroma.
+    for _ in range(3):
+        c = xy.min(0) + rng.uniform([0.1, 0.35], [0.9, 0.75]) * [width, height]
+        blob = np.linalg.norm(xy - c, axis=1) < rng.uniform(1.2, 1.8) * SPOT_SPACING_UM
+        domain[blob & (domain == "stroma_distal")] = "immune"
+
+    for d in absent:
+        if d in ("gland", "gland_in_situ", "adipose", "immune"):
+            domain[domain == d] = "stroma_distal"
+    return domain
+
+
+def simulate(
+    n_patients: int = 4,
+    n_sections_per_patient: int = 2,
+    grid_size: tuple[int, int] = (28, 28),
+    n_genes: int = 600,
+    n_markers: int = 25,
+    marker_lfc: float = 1.6,
+    patient_effect: float = 0.7,
+    section_effect: float = 0.25,
+    library_size: float = 2500.0,
+    dispersion: float = 6.0,
+    spot_mixing: float = 0.15,
+    morphology_dim: int = 32,
+    morphology_signal: float = 1.5,
+    morphology_batch_effect: float = 1.0,
+    sections_without_image: int = 1,
+    absent_domains: bool = True,
+    with_images: bool = False,
+    seed: int = 0,
+) -> AnnData:
+    """Simulate a multi-patient spatial transcriptomics study (histovi's default data).
+
+    Parameters
+    ----------
+    n_patients, n_sections_per_patient
+        Study size; every section is its own sample (``obs['sample']``, e.g. ``"P1_S2"``).
+    grid_size
+        Rows and columns of the Visium-like hexagonal grid of each section (100 µm spacing).
+    n_genes, n_markers, marker_lfc
+        Genes simulated, marker genes per expression programme and their log-fold change.
+    patient_effect, section_effect
+        Standard deviation of gene-wise log-fold shifts per patient and per section: the batch
+        effects that make naively pooled spots cluster by patient.
+    library_size, dispersion
+        Mean UMI count per spot (varies ×/÷ 1.35 per section) and negative-binomial inverse
+        dispersion.
+    spot_mixing
+        Fraction of a spot's expression that comes from its ring of neighbours (spots capture
+        mRNA of neighbouring cells).
+    morphology_dim, morphology_signal, morphology_batch_effect
+        Width of the simulated morphology embedding (``obsm['X_morphology']``), the distance
+        between morphology classes and the per-section stain/scanner shift.
+    sections_without_image
+        Number of sections (the last ones) whose morphology is missing (NaN rows), as in studies
+        where some sections have no H&E image.
+    absent_domains
+        Drop some domains in some patients (patient 2 has no immune infiltrate, patient 3 no
+        tumour, patient 4 no adipose tissue).
+    with_images
+        Also draw an H&E-like image per section (``uns['spatial'][sample]['images']['hires']``)
+        so that :func:`histovi.pp.embed_morphology` can run on the data.
+    seed
+        Seed of every random draw: the same seed gives the same data.
+
+    Returns
+    -------
+    AnnData with raw counts in ``X`` and ``layers['counts']``; ``obs`` columns ``sample``,
+    ``patient`` and ``domain`` (ground truth); ``obsm['spatial']`` (µm, equal to full-resolution
+    pixels) and ``obsm['X_morphology']``; ``uns['spatial'][sample]['scalefactors']``.
+    """
+    if n_patients < 1 or n_sections_per_patient < 1:
+        raise ValueError("n_patients and n_sections_per_patient must be at least 1.")
+    if min(grid_size) < 8:
+        raise ValueError(f"grid_size={grid_size} is too small: use at least (8, 8) spots.")
+    if n_genes < 5 * n_markers:
+        raise ValueError(f"n_genes={n_genes} must be at least 5 * n_markers ({5 * n_markers}).")
+    rng = np.random.default_rng(seed)
+    n_programmes = 5
+    n_morph_classes = 6
+
+    # Gene programmes: a shared baseline plus marker genes per programme.
+    baseline = rng.normal(0, 1.0, n_genes)
+    programmes = np.tile(baseline, (n_programmes, 1))
+    markers = rng.permutation(n_genes)[: n_programmes * n_markers].reshape(n_programmes, n_markers)
+    for p in range(n_programmes):
+        programmes[p, markers[p]] += marker_lfc * rng.uniform(0.7, 1.3, n_markers)
+    morph_means = rng.normal(0, morphology_signal, (n_morph_classes, morphology_dim))
+
+    xy = _hex_grid(*grid_size)
+    counts, obs, coords, morph = [], [], [], []
+    uns_spatial = {}
+    without_image: list[str] = []
+    n_sections = n_patients * n_sections_per_patient
+    for p in range(n_patients):
+        patient = f"P{p + 1}"
+        absent = _ABSENT_BY_PATIENT[p % len(_ABSENT_BY_PATIENT)] if absent_domains else ()
+        patient_shift = rng.normal(0, patient_effect, n_genes)
+        for s in range(n_sections_per_patient):
+            sample = f"{patient}_S{s + 1}"
+            section_index = p * n_sections_per_patient + s
+            domain = _section_layout(xy, absent, rng)
+            n = len(xy)
+
+            # Expression: log-rates per spot, mixed with the mean of the 6 nearest spots.
+            prog = np.array([_EXPRESSION_PROGRAMME[d] for d in domain])
+            rates = np.exp(programmes[prog])
+            rates /= rates.sum(1, keepdims=True)
+            if spot_mixing > 0:
+                d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+                ring = (d2 > 0) & (d2 < (1.1 * SPOT_SPACING_UM) ** 2)
+                neigh_mean = (ring @ rates) / np.maximum(ring.sum(1, keepdims=True), 1)
+                rates = (1 - spot_mixing) * rates + spot_mixing * neigh_mean
+            shift = patient_shift + rng.normal(0, section_effect, n_genes)
+            rates = rates * np.exp(shift)
+            rates /= rates.sum(1, keepdims=True)
+            lib = library_size * np.exp(rng.normal(0, 0.3)) * rng.lognormal(0, 0.25, n)
+            mu = rates * lib[:, None]
+            # Gamma-Poisson draw of negative-binomial counts.
+            counts.append(sp.csr_matrix(rng.poisson(rng.gamma(dispersion, mu / dispersion))))
+
+            # Morphology embedding: class mean + spot noise, then the section's stain shift.
+            mclass = np.array([_MORPHOLOGY_CLASS[d] for d in domain])
+            m = morph_means[mclass] + rng.normal(0, 1.0, (n, morphology_dim))
+            m = m * np.exp(rng.normal(0, 0.15)) + rng.normal(0, morphology_batch_effect, morphology_dim)
+            if section_index >= n_sections - sections_without_image:
+                m[:] = np.nan
+                without_image.append(sample)
+            morph.append(m.astype(np.float32))
+
+            coords.append(xy + rng.normal(0, 1.0, xy.shape))  # sub-pixel jitter of spot centres
+            obs.append(
+                pd.DataFrame(
+                    {"sample": sample, "patient": patient, "domain": domain},
+                    index=[f"{sample}_{i}" for i in range(n)],
+                )
+            )
+            uns_spatial[sample] = {
+                "scalefactors": {
+                    "spot_diameter_fullres": SPOT_DIAMETER_UM,
+                    "um_per_px_fullres": 1.0,
+                }
+            }
+
+    obs_df = pd.concat(obs)
+    for col, cats in (
+        ("sample", list(dict.fromkeys(obs_df["sample"]))),
+        ("patient", list(dict.fromkeys(obs_df["patient"]))),
+        ("domain", list(DOMAINS)),
+    ):
+        obs_df[col] = pd.Categorical(obs_df[col], categories=cats)
+    obs_df["domain"] = obs_df["domain"].cat.remove_unused_categories()
+    X = sp.vstack(counts).tocsr().astype(np.float32)
+    adata = AnnData(
+        X=X,
+        obs=obs_df,
+        var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)]),
+    )
+    adata.layers["counts"] = X.copy()
+    adata.obsm["spatial"] = np.vstack(coords)
+    adata.obsm["X_morphology"] = np.vstack(morph)
+    adata.var["marker_of"] = "none"
+    names = ["tumour", "stroma", "immune", "gland", "adipose"]
+    for p in range(n_programmes):
+        adata.var.iloc[markers[p], adata.var.columns.get_loc("marker_of")] = names[p]
+    adata.uns["spatial"] = uns_spatial
+    adata.uns["histovi_simulation"] = {
+        "seed": seed,
+        "expression_programme": _EXPRESSION_PROGRAMME,
+        "morphology_class": _MORPHOLOGY_CLASS,
+    }
+    if with_images:
+        from ._images import draw_he_images
+
+        images = draw_he_images(adata, domain_key="domain", sample_key="sample", seed=seed)
+        for sample, entry in images.items():
+            if sample in without_image:
+                continue
+            adata.uns["spatial"].setdefault(sample, {})
+            adata.uns["spatial"][sample].setdefault("scalefactors", {}).update(
+                entry.get("scalefactors", {})
+            )
+            adata.uns["spatial"][sample]["images"] = entry["images"]
+    return adata

@@ -1,0 +1,1 @@
+"""Readers and writers: SpatialData, MuData, AnnData with image files."""

@@ -1,0 +1,690 @@
+"""HistoVI: the user-facing scvi-tools model (thin: data registration, training, outputs)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager, fields
+from scvi.model.base import ArchesMixin, BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
+from scvi.nn import FCLayers
+
+from .._constants import UNS_KEY
+from .._validation import (
+    check_counts,
+    check_finite_or_nan_rows,
+    check_neighbors,
+    get_counts,
+    require_obs,
+    require_obsm,
+)
+from ..data._loader import NeighborhoodDataSplitter
+from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
+
+logger = logging.getLogger(__name__)
+
+MORPHOLOGY_VIEW = "morphology"
+
+
+def _view_setup(morphology_key, embedding_keys) -> dict[str, str]:
+    """View name -> obsm key, morphology first."""
+    views = {}
+    if morphology_key is not None:
+        views[MORPHOLOGY_VIEW] = morphology_key
+    for name, key in (embedding_keys or {}).items():
+        if name == MORPHOLOGY_VIEW:
+            raise ValueError(
+                "embedding_keys may not use the name 'morphology': pass the morphology embedding as "
+                "morphology_key=... instead."
+            )
+        views[name] = key
+    return views
+
+
+class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """One latent space for spatial spots from expression, morphology and neighbourhood.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData) registered with :meth:`setup_anndata` (or :meth:`setup_mudata`).
+    n_latent, n_hidden, n_layers, dropout_rate
+        Network sizes.
+    use_morphology
+        Use the morphology view when one was registered (``False`` for the ablation).
+    use_embeddings
+        Use the extra embedding views registered with ``embedding_keys``.
+    use_niche
+        Reconstruct each spot's neighbourhood counts (needs ``neighbors_key`` at setup).
+    niche_weight
+        Weight of the neighbourhood reconstruction, per neighbour.
+    alignment_weight
+        Weight of the adversarial sample classifier on the latent (0 turns alignment off).
+
+    Examples
+    --------
+    >>> adata = histovi.datasets.simulate()
+    >>> histovi.pp.spatial_neighbors(adata, sample_key="sample")
+    >>> histovi.HistoVI.setup_anndata(adata, layer="counts", batch_key="sample",
+    ...     morphology_key="X_morphology", neighbors_key="spatial_neighbors")
+    >>> model = histovi.HistoVI(adata)
+    >>> model.train()
+    >>> adata.obsm["X_histovi"] = model.get_latent_representation()
+    """
+
+    _module_cls = HistoVAE
+    _data_splitter_cls = NeighborhoodDataSplitter
+
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        use_morphology: bool = True,
+        use_embeddings: bool = True,
+        use_niche: bool = True,
+        niche_weight: float = 1.0,
+        alignment_weight: float = 5.0,
+    ):
+        super().__init__(adata)
+        if adata is None:
+            raise ValueError("HistoVI needs a registered AnnData: HistoVI(adata).")
+        setup = self.adata_manager.registry["setup_args"]
+        views = self._registered_views()
+        if not use_morphology:
+            views.pop(MORPHOLOGY_VIEW, None)
+        if not use_embeddings:
+            views = {k: v for k, v in views.items() if k == MORPHOLOGY_VIEW}
+        view_dims, view_means, view_stds = {}, {}, {}
+        for name in views:
+            values = np.asarray(self.adata_manager.get_from_registry(view_registry_key(name)), dtype=np.float64)
+            present = ~np.isnan(values).any(1)
+            if not present.any():
+                # Only a query (set up from a reference registry) gets here: its view scaling is
+                # replaced by the reference's when the reference weights are loaded.
+                present = slice(None)
+                values = np.zeros_like(values)
+            view_dims[name] = values.shape[1]
+            view_means[name] = torch.tensor(values[present].mean(0), dtype=torch.float32)
+            view_stds[name] = torch.tensor(values[present].std(0) + 1e-6, dtype=torch.float32)
+
+        has_neighbors = NEIGHBORS_REGISTRY_KEY in self.adata_manager.data_registry
+        if use_niche and not has_neighbors:
+            logger.info("No neighbors_key registered: training without the neighbourhood view.")
+        n_neighbors = (
+            self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1] if has_neighbors else 1
+        )
+        cat_info = self.adata_manager.data_registry.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        n_cats_per_cov = (
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
+            if cat_info is not None
+            else None
+        )
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_batch=self.summary_stats.n_batch,
+            view_dims=view_dims,
+            view_means=view_means,
+            view_stds=view_stds,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_niche=use_niche and has_neighbors,
+            niche_weight=niche_weight,
+            n_neighbors=n_neighbors,
+            alignment_weight=alignment_weight,
+            n_cats_per_cov=n_cats_per_cov,
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+        )
+        # What a query must match (checked by prepare_query_anndata / load_query_data).
+        uns = self.adata.uns.get(UNS_KEY, {}) if isinstance(self.adata, AnnData) else {}
+        self.histovi_setup_ = {
+            "views": {name: views[name] for name in view_dims},
+            "view_dims": view_dims,
+            "n_neighbors": int(n_neighbors) if has_neighbors else None,
+            "neighbors_key": setup.get("neighbors_key"),
+            "batch_key": setup.get("batch_key"),
+            "morphology_record": _plain(uns.get("morphology")),
+            "embedding_records": _plain(uns.get("embeddings")),
+            "spatial_neighbors_record": _plain(uns.get("spatial_neighbors")),
+        }
+        self._model_summary_string = (
+            f"HistoVI: n_latent={n_latent}, views=expression"
+            + "".join(f"+{v}" for v in view_dims)
+            + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
+            + f", alignment_weight={alignment_weight}, n_batch={self.summary_stats.n_batch}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ registration
+    def _registered_views(self) -> dict[str, str]:
+        setup = self.adata_manager.registry["setup_args"]
+        if "morphology_layer" in setup:  # MuData
+            views = {MORPHOLOGY_VIEW: setup["morphology_layer"] or "X"} if setup.get("morphology_mod") else {}
+            return {k: v for k, v in views.items() if view_registry_key(k) in self.adata_manager.data_registry}
+        return _view_setup(setup.get("morphology_key"), setup.get("embedding_keys"))
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        morphology_key: str | None = None,
+        neighbors_key: str | None = None,
+        embedding_keys: dict[str, str] | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ):
+        """Register an AnnData for HistoVI.
+
+        Parameters
+        ----------
+        adata
+            Spots of all samples. Not modified, apart from what every scvi-tools model adds: the
+            registry ids in ``uns`` and the encoded ``obs['_scvi_batch']`` /
+            ``obs['_scvi_labels']`` columns.
+        layer
+            Layer with raw counts (``None``: ``adata.X``).
+        batch_key
+            ``adata.obs`` column of the sample (section); the unit that alignment removes.
+        morphology_key
+            ``adata.obsm`` key of the morphology embedding; NaN rows mark spots without an image.
+        neighbors_key
+            ``adata.obsm`` key of the neighbour index matrix from
+            :func:`histovi.pp.spatial_neighbors`; enables the neighbourhood view.
+        embedding_keys
+            Extra embedding views, name -> ``adata.obsm`` key (e.g. ``{"scgpt": "X_scgpt"}``).
+        labels_key
+            Optional labels (kept for label transfer and metrics).
+        categorical_covariate_keys, continuous_covariate_keys
+            Extra covariates (e.g. patient, technology) given to every encoder and decoder.
+        """
+        if not isinstance(adata, AnnData):
+            raise TypeError(
+                f"setup_anndata needs an AnnData, got {type(adata).__name__}: use "
+                "HistoVI.setup_mudata for MuData, or histovi.io.from_spatialdata for SpatialData."
+            )
+        _check_setup_inputs(
+            adata, layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key,
+            categorical_covariate_keys, continuous_covariate_keys,
+            # a query (set up from a reference's registry) may lack a view entirely
+            allow_missing_views="source_registry" in kwargs,
+        )
+        setup_method_args = cls._get_setup_method_args(**locals())
+        anndata_fields = [
+            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            fields.CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            fields.NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
+        ]
+        for name, key in _view_setup(morphology_key, embedding_keys).items():
+            anndata_fields.append(fields.ObsmField(view_registry_key(name), key))
+        if neighbors_key is not None:
+            anndata_fields.append(fields.ObsmField(NEIGHBORS_REGISTRY_KEY, neighbors_key))
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        rna_layer: str | None = None,
+        batch_key: str | None = None,
+        morphology_layer: str | None = None,
+        neighbors_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        """Register a MuData whose morphology embedding is its own modality.
+
+        Parameters
+        ----------
+        mdata
+            MuData with an expression modality and, optionally, a morphology modality whose ``X``
+            (or ``layers[morphology_layer]``) holds one embedding row per spot (NaN = no image).
+        rna_layer
+            Layer of the expression modality with raw counts (``None``: its ``X``).
+        modalities
+            Setup argument -> modality name, e.g. ``{"rna_layer": "rna", "batch_key": "rna",
+            "morphology": "morph", "neighbors_key": "rna"}`` (``"morphology"`` is an alias of
+            ``"morphology_layer"``).
+        """
+        if not isinstance(mdata, MuData):
+            raise TypeError(f"setup_mudata needs a MuData, got {type(mdata).__name__}.")
+        modalities = dict(modalities or {})
+        if "morphology" in modalities:
+            modalities["morphology_layer"] = modalities.pop("morphology")
+        if "rna_layer" not in modalities:
+            raise ValueError(
+                "modalities must name the expression modality, e.g. modalities={'rna_layer': 'rna'}."
+            )
+        for arg, mod in modalities.items():
+            if mod not in mdata.mod:
+                raise KeyError(
+                    f"modalities['{arg}'] = '{mod}' is not a modality of the MuData "
+                    f"(modalities: {list(mdata.mod)})."
+                )
+        rna = mdata.mod[modalities["rna_layer"]]
+        check_counts(rna, rna_layer)
+        morph_mod = modalities.get("morphology_layer")
+        if morph_mod is not None:
+            morph = mdata.mod[morph_mod]
+            if morph.n_obs != mdata.n_obs or not np.array_equal(morph.obs_names, mdata.obs_names):
+                raise ValueError(
+                    f"Modality '{morph_mod}' must have one row per spot of the MuData, in the same "
+                    "order; give spots without an image NaN rows instead of dropping them."
+                )
+            values = morph.layers[morphology_layer] if morphology_layer else morph.X
+            check_finite_or_nan_rows(np.asarray(values.toarray() if sp.issparse(values) else values), morph_mod)
+        morphology_mod = morph_mod  # recorded in the setup args
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_method_args["setup_args"].pop("modalities", None)
+        mods = cls._create_modalities_attr_dict(
+            {k: v for k, v in modalities.items()},
+            {"setup_args": {k: None for k in (
+                "rna_layer", "batch_key", "morphology_layer", "neighbors_key", "labels_key",
+                "categorical_covariate_keys", "continuous_covariate_keys")}},
+        )
+        setup_method_args["setup_args"]["modalities"] = dict(mods)
+        default_mod = mods.rna_layer
+        mudata_fields = [
+            fields.MuDataLayerField(
+                REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=True,
+                mod_required=True,
+            ),
+            fields.MuDataCategoricalObsField(
+                REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key or default_mod
+            ),
+            fields.MuDataCategoricalObsField(
+                REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=mods.labels_key or default_mod
+            ),
+            fields.MuDataCategoricalJointObsField(
+                REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys,
+                mod_key=mods.categorical_covariate_keys or default_mod,
+            ),
+            fields.MuDataNumericalJointObsField(
+                REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys,
+                mod_key=mods.continuous_covariate_keys or default_mod,
+            ),
+        ]
+        if morph_mod is not None:
+            mudata_fields.append(
+                fields.MuDataLayerField(
+                    view_registry_key(MORPHOLOGY_VIEW), morphology_layer, mod_key=morph_mod,
+                    is_count_data=False, mod_required=True,
+                )
+            )
+        if neighbors_key is not None:
+            mudata_fields.append(
+                fields.MuDataObsmField(
+                    NEIGHBORS_REGISTRY_KEY, neighbors_key, mod_key=mods.neighbors_key or default_mod
+                )
+            )
+        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(mdata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    def _validate_anndata(self, adata=None, copy_if_view=True):
+        if adata is not None and isinstance(adata, AnnData) and adata is not self.adata:
+            setup = self.adata_manager.registry["setup_args"]
+            check_counts(adata, setup.get("layer"))
+            for name, key in self.histovi_setup_["views"].items():
+                if key in adata.obsm:
+                    values = require_obsm(adata, key, "")
+                    check_finite_or_nan_rows(values, key)
+                    if values.shape[1] != self.histovi_setup_["view_dims"][name]:
+                        raise ValueError(
+                            f"adata.obsm['{key}'] has {values.shape[1]} columns but the model's "
+                            f"'{name}' view has {self.histovi_setup_['view_dims'][name]}: embed it "
+                            "with the reference's settings (histovi.pp.embed_morphology(..., "
+                            "reference=...))."
+                        )
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the model (arguments as :meth:`scvi.model.SCVI.train`).
+
+        ``max_epochs`` defaults to scVI's rule, ``min(400, round(400 * 20_000 / n_spots))``, with at
+        least 20 epochs, so that small and large studies get a comparable number of updates.
+        Lightning arguments (``strategy``, ``callbacks``, ``enable_checkpointing``,
+        ``default_root_dir``, ``ckpt_path`` ...) pass through, so long runs can checkpoint and
+        resume. Query models (from :meth:`load_query_data`) train with weight decay 0 so that the
+        frozen reference weights stay bit-identical.
+        """
+        if max_epochs is None:
+            n = self.adata.n_obs
+            max_epochs = int(max(20, min(400, round(400 * 20_000 / n))))
+        plan_kwargs = dict(plan_kwargs or {})
+        if getattr(self, "is_query_", False):
+            plan_kwargs.setdefault("weight_decay", 0.0)
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
+
+    # ------------------------------------------------------------------ outputs
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Latent representation (posterior mean by default) of every spot, shape (n, n_latent).
+
+        ``indices`` are row numbers of ``adata`` (default: the registered AnnData). The latent of
+        a spot depends only on its own views, so subsets need no neighbour remapping.
+        """
+        return super().get_latent_representation(
+            adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
+        )
+
+    # ------------------------------------------------------------------ reference mapping
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: AnnData,
+        reference_model: HistoVI | str,
+        compute_neighbors: bool = True,
+    ) -> AnnData:
+        """Return a copy of ``adata`` laid out like the reference, ready for :meth:`load_query_data`.
+
+        * genes reordered to the reference's; missing genes zero-filled (with a warning naming how
+          many), extra genes dropped;
+        * views the reference used but the query lacks are added as NaN (missing) with a warning;
+          views whose width or recorded encoder differ from the reference are refused;
+        * spatial neighbours computed within each query sample with the reference's settings when
+          the reference used them and the query has none.
+        """
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"prepare_query_anndata needs an AnnData, got {type(adata).__name__}.")
+        ref = _ReferenceInfo(reference_model)
+        ref_genes = ref.var_names
+        layer = ref.setup_args.get("layer")
+        missing = ref_genes.difference(adata.var_names)
+        if len(missing) == len(ref_genes):
+            raise ValueError(
+                "None of the reference's genes are in the query's var_names: check that both use the "
+                "same gene identifiers (symbols vs Ensembl ids)."
+            )
+        if len(missing):
+            warnings.warn(
+                f"{len(missing)} of the reference's {len(ref_genes)} genes are missing from the query "
+                "and are filled with zeros.",
+                UserWarning,
+                stacklevel=2,
+            )
+        counts = get_counts(adata, layer)
+        counts = counts.tocsr() if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
+        present = ref_genes.isin(adata.var_names)
+        src = adata.var_names.get_indexer(ref_genes[present])
+        cols = sp.csr_matrix(counts[:, src])
+        # Place present genes at their reference positions via a column selection matrix.
+        sel = sp.csr_matrix(
+            (np.ones(present.sum(), dtype=np.float32), (np.arange(present.sum()), np.flatnonzero(present))),
+            shape=(int(present.sum()), len(ref_genes)),
+        )
+        aligned = (cols @ sel).tocsr()
+        query = AnnData(
+            X=aligned if layer is None else aligned.copy(),
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=ref_genes),
+            obsm={k: v.copy() for k, v in adata.obsm.items()},
+            uns={k: v for k, v in adata.uns.items()},
+        )
+        if layer is not None:
+            query.layers[layer] = aligned
+        record = ref.record
+        for name, key in record["views"].items():
+            if key not in query.obsm:
+                warnings.warn(
+                    f"The query has no adata.obsm['{key}'] ('{name}' view): it maps with the views "
+                    "it has (the view is treated as missing).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                query.obsm[key] = np.full((query.n_obs, record["view_dims"][name]), np.nan, np.float32)
+            elif np.asarray(query.obsm[key]).shape[1] != record["view_dims"][name]:
+                raise ValueError(
+                    f"adata.obsm['{key}'] has {np.asarray(query.obsm[key]).shape[1]} columns, the "
+                    f"reference's '{name}' view has {record['view_dims'][name]}: embed the query with "
+                    "histovi.pp.embed_morphology(query, reference=reference_adata)."
+                )
+        _check_view_records(query, record)
+        nkey = record.get("neighbors_key")
+        if nkey is not None and record.get("n_neighbors"):
+            if nkey not in query.obsm and compute_neighbors:
+                from ..pp import spatial_neighbors
+
+                nrec = record.get("spatial_neighbors_record") or {}
+                spatial_neighbors(
+                    query,
+                    sample_key=nrec.get("sample_key", record.get("batch_key")),
+                    n_neighbors=int(record["n_neighbors"]),
+                    spatial_key=nrec.get("spatial_key", "spatial"),
+                    key_added=nkey,
+                )
+            elif nkey in query.obsm and np.asarray(query.obsm[nkey]).shape[1] != record["n_neighbors"]:
+                raise ValueError(
+                    f"adata.obsm['{nkey}'] has {np.asarray(query.obsm[nkey]).shape[1]} neighbours per "
+                    f"spot, the reference used {record['n_neighbors']}: recompute with "
+                    f"histovi.pp.spatial_neighbors(query, n_neighbors={record['n_neighbors']})."
+                )
+        return query
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model: HistoVI | str, **kwargs) -> HistoVI:
+        """Map a query into a trained reference (scArches).
+
+        Only the columns of the covariate one-hot inputs that belong to the query's new categories
+        train; every reference weight, including the reference's covariate columns, is frozen,
+        so the reference's latent is unchanged bit for bit. Run :meth:`prepare_query_anndata` first.
+        """
+        ref = _ReferenceInfo(reference_model)
+        record = ref.record
+        for name, key in record["views"].items():
+            if key not in adata.obsm:
+                raise KeyError(
+                    f"adata.obsm['{key}'] ('{name}' view of the reference) not found: run "
+                    "HistoVI.prepare_query_anndata(query, reference_model) first."
+                )
+        _check_view_records(adata, record)
+        model = super().load_query_data(adata, reference_model, **kwargs)
+        _restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
+        # The adversary was trained on the reference batches only; aligning a lone query batch
+        # against frozen reference batches is not what it learnt, so it is off for queries.
+        model.module.alignment_weight = 0.0
+        model.is_query_ = True
+        return model
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _plain(value):
+    """uns entries can be nested mappings / arrays; keep a plain, picklable copy."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+class _ReferenceInfo:
+    """What query mapping needs from a reference given as a model or a saved-model folder."""
+
+    def __init__(self, reference_model):
+        if isinstance(reference_model, str):
+            from scvi.model.base._save_load import _load_saved_files
+
+            attr_dict, var_names, state_dict, _ = _load_saved_files(
+                reference_model, load_adata=False, map_location="cpu"
+            )
+            registry = attr_dict["registry_"]
+            self.record = attr_dict["histovi_setup_"]
+            self.state_dict = state_dict
+            self.var_names = pd.Index(var_names)
+        elif isinstance(reference_model, HistoVI):
+            registry = reference_model.adata_manager.registry
+            self.record = reference_model.histovi_setup_
+            self.state_dict = {
+                k: v.detach().cpu().clone() for k, v in reference_model.module.state_dict().items()
+            }
+            self.var_names = pd.Index(
+                reference_model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+            )
+        else:
+            raise TypeError(
+                "reference_model must be a trained HistoVI or the folder of a saved HistoVI, got "
+                f"{type(reference_model).__name__}."
+            )
+        self.setup_args = registry["setup_args"]
+        fr = registry["field_registries"]
+        n_batch = fr[REGISTRY_KEYS.BATCH_KEY]["summary_stats"]["n_batch"]
+        cats = fr.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {}).get("n_cats_per_key", [])
+        self.cat_list = [n_batch] + list(cats or [])
+
+
+def _check_view_records(query: AnnData, record: dict) -> None:
+    """A query's morphology must come from the reference's encoder and settings."""
+    ref = record.get("morphology_record")
+    qry = query.uns.get(UNS_KEY, {}).get("morphology")
+    if ref is None or qry is None:
+        return
+    for field in ("encoder", "weights_hash", "tile_size_um", "target_mpp"):
+        if field in ref and field in qry and str(ref[field]) != str(qry[field]):
+            raise ValueError(
+                f"The query's morphology was embedded with {field}={qry[field]!r} but the reference "
+                f"used {ref[field]!r}: re-embed the query with histovi.pp.embed_morphology(query, "
+                "reference=reference_adata) so both use the same encoder and settings."
+            )
+
+
+def _restore_covariate_columns(module, ref_state: dict, ref_cats: list[int]) -> None:
+    """Put reference weights back in their columns and train only new-category columns.
+
+    scvi-tools pads a grown first-layer weight at its end, which shifts the columns of every
+    covariate after the first one that grew. Every FCLayers of HistoVAE takes the covariates
+    ``[batch, *categorical covariates]``, so the layout of the columns is known exactly.
+    """
+    new_cats = list(module.cat_list)
+
+    def cols(cats):  # scvi ignores covariates with a single category
+        return [c if c > 1 else 0 for c in cats]
+
+    ref_cols, new_cols = cols(ref_cats), cols(new_cats)
+    state = module.state_dict()
+    for name, mod in module.named_modules():
+        if not isinstance(mod, FCLayers):
+            continue
+        for i, layers in enumerate(mod.fc_layers):
+            if not mod.inject_into_layer(i):
+                continue
+            linear = layers[0]
+            key = f"{name}.fc_layers.Layer {i}.0.weight"
+            if key not in ref_state:
+                continue
+            w_ref = ref_state[key]
+            n_other = w_ref.shape[1] - sum(ref_cols)
+            w_new = torch.zeros_like(state[key])
+            w_new[:, :n_other] = w_ref[:, :n_other]
+            trainable = torch.zeros(w_new.shape[1], dtype=torch.bool)
+            r0, q0 = n_other, n_other
+            for rc, qc in zip(ref_cols, new_cols, strict=True):
+                w_new[:, q0 : q0 + rc] = w_ref[:, r0 : r0 + rc]
+                trainable[q0 + rc : q0 + qc] = True
+                r0, q0 = r0 + rc, q0 + qc
+            with torch.no_grad():
+                linear.weight.copy_(w_new)
+            # Replace scvi-tools' hooks (which let every covariate column train) by one that
+            # lets only the new categories' columns train.
+            for h in getattr(mod, "hooks", []):
+                h.remove()
+            mask = trainable.to(linear.weight.device).float()
+            mod.hooks = [
+                linear.weight.register_hook(lambda g, m=mask: g * m),
+                linear.bias.register_hook(lambda g: g * 0),
+            ]
+            linear.weight.requires_grad_(bool(trainable.any()))
+            linear.bias.requires_grad_(bool(trainable.any()))
+        # Deeper layers without covariates stay frozen entirely.
+        for i, layers in enumerate(mod.fc_layers):
+            if not mod.inject_into_layer(i):
+                for p in layers.parameters():
+                    p.requires_grad_(False)
+
+
+def _check_setup_inputs(
+    adata, layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key,
+    categorical_covariate_keys, continuous_covariate_keys, allow_missing_views=False,
+):
+    if adata.n_obs == 0:
+        raise ValueError("The AnnData has no spots.")
+    check_counts(adata, layer)
+    for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+        if key is not None:
+            require_obs(adata, key, f"Pass {what}= naming an existing column, or None.")
+    if batch_key is not None and adata.obs[batch_key].isna().any():
+        raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    for key in list(categorical_covariate_keys or []) + list(continuous_covariate_keys or []):
+        require_obs(adata, key, "Remove it from the covariate keys or add the column.")
+    for key in continuous_covariate_keys or []:
+        values = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy()
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"adata.obs['{key}'] must be finite numbers (continuous covariate).")
+    for name, key in _view_setup(morphology_key, embedding_keys).items():
+        hint = (
+            "Compute it with histovi.pp.embed_morphology(adata), or pass morphology_key=None."
+            if name == MORPHOLOGY_VIEW
+            else f"Compute the '{name}' embedding first, or drop it from embedding_keys."
+        )
+        values = require_obsm(adata, key, hint)
+        present = check_finite_or_nan_rows(values, key)
+        if not present.any() and not allow_missing_views:
+            raise ValueError(f"adata.obsm['{key}'] is NaN for every spot: no spot has this view. {hint}")
+    if neighbors_key is not None:
+        nbrs = check_neighbors(adata, neighbors_key, batch_key)
+        if nbrs.shape[1] < 1:
+            raise ValueError(f"adata.obsm['{neighbors_key}'] has no columns (k = 0).")

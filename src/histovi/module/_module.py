@@ -1,0 +1,320 @@
+"""The HistoVI variational autoencoder (pure torch; no AnnData in here).
+
+Views of a spot and how they enter the model:
+
+* expression counts ``x``: encoder expert q(z | x, s) and negative-binomial decoder p(x | z, s);
+* embedding views (morphology, foundation-model embeddings): one encoder expert q(z | m, s) each
+  and a Gaussian decoder p(m | z, s); a spot without a view (mask 0) simply lacks that expert
+  and that reconstruction term;
+* the spatial neighbourhood: a negative-binomial decoder of the summed counts of the spot's
+  neighbours (the niche), which makes z describe the spot's surroundings as well as the spot.
+
+The experts are fused as a product of Gaussian experts with the standard-normal prior as one
+expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
+encoder and decoder, so that scArches can train new batch columns for a query.
+
+Alignment across samples: a batch classifier on z behind a gradient-reversal layer (adversarial
+training) pushes the encoders to remove what identifies the sample from z.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import DecoderSCVI, Encoder, FCLayers
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+NICHE_KEY = "niche_counts"
+NEIGHBORS_REGISTRY_KEY = "spatial_neighbors"
+
+
+def view_registry_key(name: str) -> str:
+    return f"view_{name}"
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+class GaussianViewDecoder(nn.Module):
+    """p(m | z, s): a Gaussian with batch-conditioned mean and a learned variance per dimension."""
+
+    def __init__(self, n_latent, n_output, n_cat_list, n_hidden, n_layers, dropout_rate):
+        super().__init__()
+        self.decoder = FCLayers(
+            n_in=n_latent,
+            n_out=n_hidden,
+            n_cat_list=n_cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            inject_covariates=True,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        )
+        self.mean = nn.Linear(n_hidden, n_output)
+        self.log_var = nn.Parameter(torch.zeros(n_output))
+
+    def forward(self, z, *cat_list, cont=None):
+        return Normal(self.mean(self.decoder(z, *cat_list, cont=cont)), self.log_var.exp().sqrt())
+
+
+class HistoVAE(BaseModuleClass):
+    """Multi-view VAE with a niche decoder and adversarial sample alignment.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch
+        Number of batches (samples).
+    view_dims
+        Width of each embedding view, e.g. ``{"morphology": 64}``.
+    view_means, view_stds
+        Per-dimension centring and scaling of each view (from the reference data), stored as
+        buffers so that queries are standardised exactly like the reference.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Network sizes, as in scVI.
+    use_niche
+        Reconstruct the summed counts of each spot's spatial neighbours from z.
+    niche_weight
+        Weight of the niche reconstruction term (per neighbour: the summed counts of k
+        neighbours are scaled by ``niche_weight / k``).
+    n_neighbors
+        Number of spatial neighbours (k) the niche counts are summed over.
+    alignment_weight
+        Weight of the adversarial sample classifier on z (0 turns alignment off).
+    n_cats_per_cov, n_continuous_cov
+        Extra categorical and continuous covariates.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int,
+        view_dims: dict[str, int] | None = None,
+        view_means: dict[str, torch.Tensor] | None = None,
+        view_stds: dict[str, torch.Tensor] | None = None,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        use_niche: bool = True,
+        niche_weight: float = 1.0,
+        n_neighbors: int = 6,
+        alignment_weight: float = 5.0,
+        n_cats_per_cov: list[int] | None = None,
+        n_continuous_cov: int = 0,
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.n_batch = n_batch
+        self.n_latent = n_latent
+        self.view_names = list(view_dims or {})
+        self.use_niche = use_niche
+        self.niche_weight = niche_weight
+        self.n_neighbors = max(int(n_neighbors), 1)
+        self.alignment_weight = alignment_weight
+        self.n_continuous_cov = n_continuous_cov
+        # The same covariate list feeds every encoder and decoder (see HistoVI.load_query_data).
+        cat_list = [n_batch] + list(n_cats_per_cov or [])
+        self.cat_list = cat_list
+        n_cont = n_continuous_cov
+
+        self.z_encoder = Encoder(
+            n_input + n_cont,
+            n_latent,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            inject_covariates=True,
+            use_batch_norm=False,
+            use_layer_norm=True,
+            return_dist=False,
+        )
+        self.decoder = DecoderSCVI(
+            n_latent + n_cont,
+            n_input,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            inject_covariates=True,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        )
+        self.px_r = nn.Parameter(torch.randn(n_input))
+
+        self.view_encoders = nn.ModuleDict()
+        self.view_decoders = nn.ModuleDict()
+        for name, dim in (view_dims or {}).items():
+            self.view_encoders[name] = Encoder(
+                dim + n_cont,
+                n_latent,
+                n_cat_list=cat_list,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                dropout_rate=dropout_rate,
+                inject_covariates=True,
+                use_batch_norm=False,
+                use_layer_norm=True,
+            )
+            self.view_decoders[name] = GaussianViewDecoder(
+                n_latent + n_cont, dim, cat_list, n_hidden, n_layers, dropout_rate
+            )
+            mean = (view_means or {}).get(name, torch.zeros(dim))
+            std = (view_stds or {}).get(name, torch.ones(dim))
+            self.register_buffer(f"_view_mean_{name}", torch.as_tensor(mean, dtype=torch.float32))
+            self.register_buffer(f"_view_std_{name}", torch.as_tensor(std, dtype=torch.float32))
+
+        if use_niche:
+            self.niche_decoder = DecoderSCVI(
+                n_latent + n_cont,
+                n_input,
+                n_cat_list=cat_list,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                inject_covariates=True,
+                use_batch_norm=False,
+                use_layer_norm=True,
+            )
+            self.niche_r = nn.Parameter(torch.randn(n_input))
+
+        if alignment_weight > 0 and n_batch > 1:
+            self.batch_classifier = nn.Sequential(
+                nn.Linear(n_latent, n_hidden),
+                nn.LayerNorm(n_hidden),
+                nn.ReLU(),
+                nn.Linear(n_hidden, n_batch),
+            )
+        else:
+            self.batch_classifier = None
+
+    # ------------------------------------------------------------------ helpers
+    def _covariates(self, tensors):
+        batch = tensors[REGISTRY_KEYS.BATCH_KEY]
+        cat = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        cat_list = [batch] + (list(torch.split(cat, 1, dim=1)) if cat is not None else [])
+        cont = tensors.get(REGISTRY_KEYS.CONT_COVS_KEY)
+        return cat_list, cont
+
+    def _standardise_view(self, name, values):
+        mask = ~torch.isnan(values).any(-1)
+        values = torch.nan_to_num(values, nan=0.0)
+        mean = getattr(self, f"_view_mean_{name}")
+        std = getattr(self, f"_view_std_{name}")
+        values = (values - mean) / std
+        return values * mask.unsqueeze(-1), mask.float()
+
+    # ------------------------------------------------------------------ scvi-tools API
+    def _get_inference_input(self, tensors):
+        cat_list, cont = self._covariates(tensors)
+        views = {
+            name: tensors[view_registry_key(name)]
+            for name in self.view_names
+            if view_registry_key(name) in tensors
+        }
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "cat_list": cat_list, "cont": cont, "views": views}
+
+    def _get_generative_input(self, tensors, inference_outputs):
+        cat_list, cont = self._covariates(tensors)
+        # The neighbours' counts are gathered by the training data loader only; their total is
+        # the niche decoder's library size.
+        niche = tensors.get(NICHE_KEY)
+        return {
+            "z": inference_outputs["z"],
+            "library": inference_outputs["library"],
+            "cat_list": cat_list,
+            "cont": cont,
+            "niche_library": None if niche is None else niche.sum(-1, keepdim=True),
+        }
+
+    @auto_move_data
+    def inference(self, x, cat_list, cont=None, views=None, n_samples: int = 1):
+        """q(z | x, views, s) as a product of Gaussian experts (prior included)."""
+        library = x.sum(-1, keepdim=True)
+        x_in = torch.log1p(x)
+        if cont is not None:
+            x_in = torch.cat([x_in, cont], dim=-1)
+        mu_x, var_x, _ = self.z_encoder(x_in, *cat_list)
+        precision = 1.0 + 1.0 / var_x
+        weighted_mean = mu_x / var_x
+        view_inputs = {}
+        for name in self.view_names:
+            if views is None or name not in views:
+                continue
+            values, mask = self._standardise_view(name, views[name])
+            view_inputs[name] = (values, mask)
+            v_in = values if cont is None else torch.cat([values, cont], dim=-1)
+            mu_v, var_v, _ = self.view_encoders[name](v_in, *cat_list)
+            mask = mask.unsqueeze(-1)
+            precision = precision + mask / var_v
+            weighted_mean = weighted_mean + mask * mu_v / var_v
+        qz = Normal(weighted_mean / precision, precision.rsqrt())
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        return {
+            "z": z,
+            "qz": qz,
+            "library": library,
+            "view_inputs": view_inputs,
+        }
+
+    @auto_move_data
+    def generative(self, z, library, cat_list, cont=None, niche_library=None, transform_batch=None):
+        if transform_batch is not None:
+            cat_list = [torch.full_like(cat_list[0], int(transform_batch))] + list(cat_list[1:])
+        z_in = z if cont is None else torch.cat([z, cont.expand(*z.shape[:-1], -1)], dim=-1)
+        px_scale, _, px_rate, _ = self.decoder("gene", z_in, torch.log(library), *cat_list)
+        px = NegativeBinomial(mu=px_rate, theta=self.px_r.exp(), scale=px_scale)
+        out = {"px": px, "pz": Normal(torch.zeros_like(z), torch.ones_like(z))}
+        out["pviews"] = {name: self.view_decoders[name](z_in, *cat_list) for name in self.view_names}
+        if self.use_niche and niche_library is not None:
+            niche_scale, _, niche_rate, _ = self.niche_decoder(
+                "gene", z_in, torch.log(niche_library.clamp(min=1.0)), *cat_list
+            )
+            out["pniche"] = NegativeBinomial(mu=niche_rate, theta=self.niche_r.exp(), scale=niche_scale)
+        return out
+
+    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        qz, z = inference_outputs["qz"], inference_outputs["z"]
+        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(-1)
+        rec_x = -generative_outputs["px"].log_prob(x).sum(-1)
+        reconstruction = {"expression": rec_x}
+
+        for name, (values, mask) in inference_outputs["view_inputs"].items():
+            nll = -generative_outputs["pviews"][name].log_prob(values).sum(-1)
+            reconstruction[name] = nll * mask
+
+        if "pniche" in generative_outputs and NICHE_KEY in tensors:
+            niche = tensors[NICHE_KEY]
+            nll = -generative_outputs["pniche"].log_prob(niche).sum(-1)
+            reconstruction["niche"] = nll * (self.niche_weight / self.n_neighbors)
+
+        loss = torch.mean(sum(reconstruction.values()) + kl_weight * kl_z)
+        extra = {}
+        if self.batch_classifier is not None and self.alignment_weight > 0:
+            # The classifier learns to tell samples apart from z; the reversed gradient teaches
+            # the encoders to make z uninformative of the sample.
+            logits = self.batch_classifier(_GradientReversal.apply(qz.loc, 1.0))
+            target = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1)
+            adv = F.cross_entropy(logits, target)
+            loss = loss + self.alignment_weight * adv
+            extra["adversarial_ce"] = adv.detach()
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction,
+            kl_local={"kl_z": kl_z},
+            extra_metrics=extra,
+        )

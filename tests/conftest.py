@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout (or $HISTOVI_SHARED_DATA)."""
+    env = os.environ.get("HISTOVI_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    path = shared_data_dir() / "her2st"
+    if not (path / "her2st_dev.h5ad").exists():
+        pytest.skip(f"real her2st data not found at {path}")
+    return path
+
+
+@pytest.fixture
+def small_adata():
+    """A tiny simulated study: 2 patients x 2 sections, 10x10 spots, 120 genes, neighbours."""
+    import histovi
+
+    adata = histovi.datasets.simulate(
+        n_patients=2, n_sections_per_patient=2, grid_size=(10, 10), n_genes=150, n_markers=10,
+        morphology_dim=8, sections_without_image=0, seed=1,
+    )
+    histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=6)
+    return adata
