@@ -228,3 +228,46 @@ def test_evaluate_combines_everything():
     assert ari == pytest.approx(1.0)
     coh = table.query("group == 'spatial' and metric == 'coherence'")["value"].item()
     assert 0.9 < coh <= 1.0
+
+
+def _her2st_path():
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("HISTOVI_SHARED_DATA")
+    base = Path(root) if root else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = (
+        base / "her2st" / "her2st_dev.h5ad"
+        if (base / "her2st").is_dir()
+        else base / "her2st_dev.h5ad"
+    )
+    if not path.is_file():
+        pytest.skip(f"her2st data not found at {path}")
+    return path
+
+
+@pytest.mark.slow
+def test_protocol_on_her2st():
+    """k comes from the 6 annotated classes; only A1, B1, C1, D1 are scored, on their labelled,
+    non-'undetermined' spots; all 24 sections are clustered."""
+    import scanpy as sc
+
+    adata = ad.read_h5ad(_her2st_path())
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=10)
+    df = metrics.cluster_and_score(
+        adata.obsm["X_pca"],
+        adata.obs["label"],
+        adata.obs["sample"],
+        methods=("kmeans",),
+        seeds=(0,),
+    )
+    assert (df["n_clusters"] == 6).all()
+    assert sorted(df["sample"]) == ["A1", "B1", "C1", "D1"]
+    lab = adata.obs["label"].astype(object)
+    expected = (
+        lab[lab.notna() & (lab != "undetermined")].groupby(adata.obs["sample"].astype(str)).size()
+    )
+    assert dict(zip(df["sample"], df["n_spots"], strict=True)) == expected.to_dict()
+    assert df["ARI"].between(-1, 1).all()

@@ -56,6 +56,14 @@ def test_domains_recovers_blobs(method):
         assert (sub.groupby("truth", observed=True)["domain"].nunique() == 1).all()
 
 
+def test_leiden_resolution_search_reaches_n_domains():
+    X = _blobs().obsm["X_histovi"]
+    free = tl.cluster_embedding(X, None, "leiden", resolution=1.0)
+    assert len(np.unique(free)) > 3  # resolution 1 splits the blobs
+    searched = tl.cluster_embedding(X, 3, "leiden", resolution=1.0)
+    assert len(np.unique(searched)) == 3
+
+
 def test_domains_not_inplace_leaves_adata_untouched():
     adata = _blobs()
     before = adata.obs.copy()

@@ -115,7 +115,8 @@ def transfer_labels(
     result = pd.DataFrame(
         {
             key: pd.Categorical.from_codes(best, categories=categories),
-            f"{key}_uncertainty": 1.0 - probs.max(axis=1),
+            # clip: rounding can leave 1 - max(p) at -1e-16 when one label takes all weight
+            f"{key}_uncertainty": np.clip(1.0 - probs.max(axis=1), 0.0, 1.0),
         },
         index=query.obs_names,
     )
