@@ -321,3 +321,18 @@ def test_spatial_neighbors_within_sample(small_adata):
     # interior spot of a hex grid: its 6 neighbours are at ~100 µm
     d = small_adata.obsm["spatial_neighbors_distances"][45]
     assert np.all(np.abs(d - 100) < 10)
+
+
+def test_training_resumes_from_checkpoint(small_adata, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    scvi.settings.seed = 0
+    _setup(small_adata)
+    first = HistoVI(small_adata, n_latent=4, n_hidden=32)
+    first.train(max_epochs=2, checkpoint_dir=ckpt, enable_progress_bar=False)
+    assert (ckpt / "last.ckpt").exists()
+    # a new session: same settings, resumes at epoch 2 and runs only the remaining 2 epochs
+    scvi.settings.seed = 0
+    second = HistoVI(small_adata, n_latent=4, n_hidden=32)
+    second.train(max_epochs=4, checkpoint_dir=ckpt, enable_progress_bar=False)
+    assert len(second.history["elbo_train"]) == 2
+    assert second.history["elbo_train"].index[0] == 2

@@ -371,9 +371,14 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         batch_size: int = 128,
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | None = None,
         **trainer_kwargs,
     ):
         """Train the model (arguments as :meth:`scvi.model.SCVI.train`).
+
+        ``checkpoint_dir``: save a Lightning checkpoint there after every epoch
+        (``last.ckpt``); if one is already there, training resumes from it (same model settings
+        and data) instead of starting over, so an interrupted run loses at most one epoch.
 
         ``max_epochs`` defaults to scVI's rule, ``min(400, round(400 * 20_000 / n_spots))``, with at
         least 20 epochs, so that small and large studies get a comparable number of updates.
@@ -388,6 +393,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         plan_kwargs = dict(plan_kwargs or {})
         if getattr(self, "is_query_", False):
             plan_kwargs.setdefault("weight_decay", 0.0)
+        if checkpoint_dir is not None:
+            trainer_kwargs.update(_checkpointing(checkpoint_dir, trainer_kwargs))
         return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -539,6 +546,24 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _checkpointing(checkpoint_dir, trainer_kwargs) -> dict:
+    """Lightning arguments that save ``last.ckpt`` every epoch and resume from it if present."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    path = Path(checkpoint_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    callback = ModelCheckpoint(dirpath=path, save_last=True, save_top_k=0, every_n_epochs=1)
+    callbacks = list(trainer_kwargs.get("callbacks") or []) + [callback]
+    out = {"callbacks": callbacks, "enable_checkpointing": True}
+    last = path / "last.ckpt"
+    if last.exists() and "ckpt_path" not in trainer_kwargs:
+        logger.info(f"Resuming training from {last}.")
+        out["ckpt_path"] = str(last)
+    return out
 
 
 def _plain(value):
