@@ -1,5 +1,6 @@
 """Preprocessing: spatial neighbours, morphology and expression embeddings."""
 
+from ._expression import embed_expression
 from ._neighbors import spatial_neighbors
 
-__all__ = ["spatial_neighbors"]
+__all__ = ["embed_expression", "spatial_neighbors"]
