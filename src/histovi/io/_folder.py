@@ -1,0 +1,94 @@
+"""Reader of a folder holding one .h5ad and its H&E images (the her2st layout)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["read_folder"]
+
+
+def read_folder(
+    path: str | os.PathLike,
+    h5ad: str | None = None,
+    *,
+    load_images: bool = False,
+    max_image_size: int | None = None,
+) -> Any:
+    """Read ``path/<name>.h5ad`` whose ``uns['spatial'][lib]['image_file']`` name images in ``path``.
+
+    Parameters
+    ----------
+    path
+        Folder with exactly one ``.h5ad`` (or name it with ``h5ad=``) and the image files its
+        ``uns['spatial'][lib]['image_file']`` entries name, relative to ``path`` (e.g.
+        ``images/A1.jpg``).
+    h5ad
+        File name of the AnnData inside ``path`` when the folder holds several.
+    load_images
+        Also load each image into ``uns['spatial'][lib]['images']['hires']`` (scanpy/squidpy
+        layout; its scale factor is ``tissue_hires_scalef``). Otherwise images stay on disk and
+        :func:`histovi.pp.embed_morphology` reads them when needed.
+    max_image_size
+        With ``load_images``, downsample images whose longer side exceeds this many pixels (the
+        scale factor is adjusted).
+
+    Returns
+    -------
+    AnnData with ``image_file`` entries made absolute (so the object works from any working
+    directory) and a warning naming the samples whose image file is missing.
+    """
+    import anndata as ad
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"read_folder: {str(folder)!r} is not a folder: pass the data directory")
+    if h5ad is None:
+        files = sorted(folder.glob("*.h5ad"))
+        if len(files) != 1:
+            raise ValueError(
+                f"read_folder: {str(folder)!r} holds {len(files)} .h5ad files "
+                f"({[f.name for f in files]}): name the one to read with h5ad="
+            )
+        file = files[0]
+    else:
+        file = folder / h5ad
+        if not file.exists():
+            raise ValueError(f"read_folder: {str(file)!r} does not exist: check h5ad=")
+    adata = ad.read_h5ad(file)
+    missing = []
+    for lib, entry in (adata.uns.get("spatial", {}) or {}).items():
+        if "image_file" not in entry:
+            continue
+        img = Path(str(entry["image_file"]))
+        img = img if img.is_absolute() else folder / img
+        if not img.exists():
+            missing.append(f"{lib} ({img})")
+            continue
+        entry["image_file"] = str(img.resolve())
+        if load_images:
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = None
+            with Image.open(img) as im:
+                im = im.convert("RGB")
+                sf = entry.setdefault("scalefactors", {})
+                scalef = float(sf.get("tissue_hires_scalef", 1.0))
+                if max_image_size is not None and max(im.size) > max_image_size:
+                    w0 = im.width
+                    r = max_image_size / max(im.size)
+                    im = im.resize((round(im.width * r), round(im.height * r)), Image.BILINEAR)
+                    scalef *= im.width / w0
+                entry["images"] = {"hires": np.asarray(im)}
+                sf["tissue_hires_scalef"] = scalef
+    if missing:
+        warnings.warn(
+            "read_folder: image files not found for " + ", ".join(missing)
+            + "; these samples will have no morphology",
+            UserWarning, stacklevel=2,
+        )
+    return adata

@@ -1,0 +1,563 @@
+"""Per-spot morphology embeddings from H&E tiles: :func:`embed_morphology`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .._constants import MORPHOLOGY_KEY, UNS_KEY
+from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
+from ._encoders import STAIN_TEXTURE, resolve_encoder
+from ._stain import estimate_chroma_threshold, fit_from_tiles, make_normalizer, tissue_mask
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["embed_morphology", "VALID_KEY", "RECORD_KEY"]
+
+#: ``adata.obs`` key of the boolean mask of spots whose tile was embedded.
+VALID_KEY = "morphology_valid"
+#: ``adata.uns[UNS_KEY]`` sub-key holding the settings of the last embedding.
+RECORD_KEY = "morphology"
+#: Tile side in µm when not given: about two Visium spot diameters of context, i.e. the
+#: 224 px field of view of pathology foundation models at 0.5 µm per pixel.
+DEFAULT_TILE_SIZE_UM = 112.0
+DEFAULT_MIN_TISSUE = 0.1
+_N_FIT_TILES = 32  # tiles per section used to fit stain normalisation
+
+
+# --------------------------------------------------------------------------------------------
+# tiles
+# --------------------------------------------------------------------------------------------
+def read_tile(
+    source: Any, cx: float, cy: float, half: float, tile_px: int, chroma_threshold: float = 15.0
+) -> tuple[np.ndarray | None, float]:
+    """Square RGB tile of side ``2 * half`` source pixels centred at (cx, cy), resized to ``tile_px``.
+
+    The part of the tile outside the image is filled white (background), so it counts as
+    non-tissue. Returns (None, 0.0) when the centre lies outside the image.
+    """
+    from PIL import Image
+
+    h, w = source.shape
+    if not (0 <= cx < w and 0 <= cy < h):
+        return None, 0.0
+    x0, y0 = int(np.floor(cx - half)), int(np.floor(cy - half))
+    n = max(int(round(2 * half)), 1)
+    canvas = np.full((n, n, 3), 255, dtype=np.uint8)
+    ry0, ry1, rx0, rx1 = max(y0, 0), min(y0 + n, h), max(x0, 0), min(x0 + n, w)
+    canvas[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = source.read(ry0, ry1, rx0, rx1)
+    if n != tile_px:
+        canvas = np.asarray(Image.fromarray(canvas).resize((tile_px, tile_px), Image.BILINEAR))
+    return canvas, float(tissue_mask(canvas, chroma_threshold).mean())
+
+
+class _TileDataset(Dataset):
+    """Tiles of one section; each item is (index, valid, tissue fraction, encoder input)."""
+
+    def __init__(
+        self,
+        source: Any,
+        centres_px: np.ndarray,
+        half: float,
+        tile_px: int,
+        min_tissue: float,
+        preprocess: Callable | None,
+        stain: Callable | None = None,
+        chroma_threshold: float = 15.0,
+    ):
+        self.source, self.centres, self.half, self.tile_px = source, centres_px, half, tile_px
+        self.min_tissue, self.preprocess, self.stain = min_tissue, preprocess, stain
+        self.chroma_threshold = chroma_threshold
+
+    def __len__(self) -> int:
+        return len(self.centres)
+
+    def __getitem__(self, i: int):
+        cx, cy = self.centres[i]
+        tile, frac = read_tile(self.source, cx, cy, self.half, self.tile_px, self.chroma_threshold)
+        valid = tile is not None and frac >= self.min_tissue
+        if self.preprocess is None:  # raw tiles (stain fitting)
+            out = tile if valid else np.zeros((self.tile_px, self.tile_px, 3), np.uint8)
+            return i, valid, frac, torch.from_numpy(np.ascontiguousarray(out))
+        if not valid:
+            return i, False, frac, self.preprocess.placeholder()
+        if self.stain is not None:
+            tile = self.stain(tile)
+        return i, True, frac, self.preprocess(tile)
+
+
+class _StainFn:
+    """Picklable tile re-staining with fixed source/target parameters."""
+
+    def __init__(self, normalizer: Any, source: Mapping, target: Mapping):
+        self.normalizer, self.source, self.target = normalizer, source, target
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        return self.normalizer.transform(tile, self.source, self.target)
+
+
+# --------------------------------------------------------------------------------------------
+# reference records
+# --------------------------------------------------------------------------------------------
+def _get_record(reference: Any) -> dict:
+    if reference is None:
+        return {}
+    if isinstance(reference, Mapping) and "encoder" in reference:
+        return dict(reference)
+    uns = getattr(reference, "uns", None)
+    if uns is None and hasattr(reference, "tables"):
+        for t in reference.tables.values():
+            if RECORD_KEY in t.uns.get(UNS_KEY, {}):
+                uns = t.uns
+                break
+    rec = (uns or {}).get(UNS_KEY, {}).get(RECORD_KEY) if uns is not None else None
+    if not rec:
+        raise ValueError(
+            f"reference has no uns[{UNS_KEY!r}][{RECORD_KEY!r}] record: run "
+            "histovi.pp.embed_morphology on the reference first, or pass its record dict"
+        )
+    return dict(rec)
+
+
+def _check_same(name: str, given: Any, recorded: Any) -> None:
+    if given is None:
+        return
+    if isinstance(given, float) or isinstance(recorded, float):
+        same = recorded is not None and np.isclose(float(given), float(recorded), rtol=1e-9)
+    else:
+        same = given == recorded
+    if not same:
+        raise ValueError(
+            f"{name}={given!r} differs from the reference embedding ({name}={recorded!r}): a query "
+            f"must be embedded with the reference's settings; drop {name}= to reuse them"
+        )
+
+
+def _plain(obj: Any) -> Any:
+    """Record values as h5ad-writable types (no None, numpy arrays for vectors)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, str) for v in obj):
+        return np.asarray(obj, dtype=object)
+    if isinstance(obj, (list, tuple)):
+        return np.asarray(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# main entry point
+# --------------------------------------------------------------------------------------------
+def embed_morphology(
+    data: Any,
+    encoder: str | os.PathLike | torch.nn.Module | None = None,
+    *,
+    tile_size_um: float | None = None,
+    target_mpp: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    sample_key: str = "sample",
+    key_added: str = MORPHOLOGY_KEY,
+    n_components: int | None = None,
+    stain_normalization: str | None = None,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+    reference: Any = None,
+    pretrained: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    image_dir: str | os.PathLike | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    mpp_fullres: float | Mapping[str, float] | None = None,
+    spot_diameter_um: float = 55.0,
+    min_tissue_fraction: float | None = None,
+    spatial_key: str = "spatial",
+    table_key: str = "table",
+    seed: int = 0,
+    copy: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Embed the H&E tile around every spot with an image encoder.
+
+    For each section the tile of ``tile_size_um`` × ``tile_size_um`` µm centred on each spot is
+    read at the image resolution closest to ``target_mpp`` (pyramid level / JPEG scale), resized
+    to ``round(tile_size_um / target_mpp)`` pixels, optionally stain-normalised and encoded.
+    Tiles are streamed: at most ``batch_size`` tiles per worker plus the image region they need
+    are held at a time (baseline JPEG/PNG files are decoded once per section; TIFF, zarr and
+    SpatialData images are read region by region).
+
+    Parameters
+    ----------
+    data
+        An :class:`~anndata.AnnData` with ``obsm[spatial_key]`` spot centres in full-resolution
+        pixels and either ``uns['spatial'][lib]['images']['hires'|'lowres']`` arrays (scanpy /
+        squidpy) or ``uns['spatial'][lib]['image_file']`` files (her2st layout; relative to
+        ``image_dir``), where ``lib`` are the values of ``obs[sample_key]``; or a
+        :class:`~spatialdata.SpatialData` whose table ``table_key`` annotates shapes/points that
+        share a coordinate system with an image (results go into that table).
+    encoder
+        ``"stain-texture"`` (default; built-in, no weights), a timm model name (``"resnet50"``),
+        an ``"hf-hub:org/model"`` id, a path to a weights file (``.pth``/``.safetensors``, with
+        the architecture in a ``config.json`` next to it or inside the file) or to an HF-style
+        folder, or a :class:`torch.nn.Module` (with ``transform``). With ``reference`` and no
+        encoder, the reference's encoder is rebuilt from its record.
+    tile_size_um
+        Side of the tile in µm (default 112: spot plus surrounding context; 224 px at 0.5 µm).
+    target_mpp
+        Pixel size of the tiles in µm. Default: 0.5 for neural encoders (the scale of pathology
+        foundation models), 1.0 for ``"stain-texture"``.
+    batch_size
+        Tiles per batch.
+    device
+        ``"auto"`` (CUDA / MPS when available), ``"cpu"``, ``"cuda"``, ...
+    sample_key
+        ``obs`` column naming each spot's section / library id (``uns['spatial']`` key).
+    key_added
+        ``obsm`` key of the embedding.
+    n_components
+        If given, standardise the features and reduce them by PCA (fitted on valid tiles).
+    stain_normalization
+        ``None``, ``"macenko"`` or ``"reinhard"``. Target stain parameters are fitted on tiles
+        of ``data`` (or taken from ``reference``); source parameters per section.
+    num_workers
+        DataLoader worker processes reading and preprocessing tiles.
+    transform
+        Tile transform for a user module (PIL RGB image -> (C, H, W) tensor). timm models use
+        their own data config.
+    reference
+        An AnnData / SpatialData embedded before, or its ``uns['histovi']['morphology']`` record:
+        reuse its encoder, tile geometry, stain target and PCA so the query lands in the same
+        space. Settings given explicitly that differ from the reference raise ``ValueError``.
+    pretrained, checkpoint_path, model_kwargs
+        Passed to timm: random weights for tests, a local weights file (no network), extra
+        :func:`timm.create_model` arguments.
+    image_dir
+        Folder that relative ``image_file`` paths refer to.
+    image_key
+        Which image to use (``"hires"``, ``"lowres"``, a SpatialData image name or a mapping
+        region -> image name). Default: the finest one needed for ``target_mpp``.
+    mpp_fullres
+        µm per full-resolution pixel (or per SpatialData coordinate unit), a number or a mapping
+        sample -> number; overrides ``scalefactors['um_per_px_fullres']`` and the estimate from
+        the spot diameter (assumed ``spot_diameter_um``, 55 µm for Visium).
+    spot_diameter_um
+        Physical spot diameter used when only the spot diameter in pixels is known.
+    min_tissue_fraction
+        Tiles with a smaller fraction of stained pixels (white glass, black masks, outside the
+        image) are invalid: NaN rows and ``obs['morphology_valid'] = False``. Default 0.1.
+    spatial_key, table_key
+        ``obsm`` key of spot centres (AnnData); table of a SpatialData object.
+    seed
+        Seed of the tile subset used for stain fitting.
+    copy
+        Return a modified copy instead of writing into ``data`` (AnnData only).
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    ``None`` (or the AnnData copy with ``copy=True``). Writes into the AnnData (the SpatialData
+    table): ``obsm[key_added]`` float32 (n_obs, d), NaN rows for invalid spots;
+    ``obs['morphology_valid']`` bool; ``uns['histovi']['morphology']``: encoder name and kind,
+    weights SHA-256, tile_size_um, target_mpp, tile_px, min_tissue_fraction, stain normaliser
+    (method, target and per-section source parameters), PCA (mean, scale, components), feature
+    names and per-section details. Nothing else in ``data`` is changed.
+    """
+    rec = _get_record(reference)
+    # ---------------- validate arguments and reconcile them with the reference ---------------
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    if stain_normalization is not None:
+        make_normalizer(stain_normalization)  # validates the name
+    if n_components is not None and (not isinstance(n_components, int) or n_components < 1):
+        raise ValueError(f"n_components={n_components!r} must be a positive integer or None")
+    if rec:
+        _check_same("tile_size_um", tile_size_um, rec["tile_size_um"])
+        _check_same("target_mpp", target_mpp, rec["target_mpp"])
+        _check_same("stain_normalization", stain_normalization, rec.get("stain_normalization", "none"))
+        _check_same("min_tissue_fraction", min_tissue_fraction, rec["min_tissue_fraction"])
+        _check_same("n_components", n_components, int(rec["pca"]["n_components"]) if "pca" in rec else "none")
+        tile_size_um = float(rec["tile_size_um"])
+        target_mpp = float(rec["target_mpp"])
+        min_tissue_fraction = float(rec["min_tissue_fraction"])
+        norm = rec.get("stain_normalization", "none")
+        stain_normalization = None if norm == "none" else norm
+        if encoder is None:
+            encoder = _encoder_from_record(rec)
+            if rec.get("encoder_kind") == "checkpoint":
+                encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
+                if not os.path.exists(checkpoint_path):
+                    raise ValueError(
+                        f"the reference encoder's weights file {checkpoint_path!r} is gone: pass "
+                        f"encoder={rec['encoder']!r}, checkpoint_path='<same weights>'"
+                    )
+            pretrained = bool(rec.get("pretrained", pretrained))
+    tile_size_um = DEFAULT_TILE_SIZE_UM if tile_size_um is None else float(tile_size_um)
+    if not np.isfinite(tile_size_um) or tile_size_um <= 0:
+        raise ValueError(f"tile_size_um={tile_size_um!r} must be a positive number of µm")
+    min_tissue_fraction = DEFAULT_MIN_TISSUE if min_tissue_fraction is None else float(min_tissue_fraction)
+    if not 0 <= min_tissue_fraction <= 1:
+        raise ValueError(f"min_tissue_fraction={min_tissue_fraction!r} must lie in [0, 1]")
+    if target_mpp is None:
+        is_builtin = encoder is None or (isinstance(encoder, str) and encoder == STAIN_TEXTURE)
+        target_mpp = 1.0 if is_builtin else 0.5
+    target_mpp = float(target_mpp)
+    if not np.isfinite(target_mpp) or target_mpp <= 0:
+        raise ValueError(f"target_mpp={target_mpp!r} must be a positive number of µm per pixel")
+    tile_px = max(int(round(tile_size_um / target_mpp)), 8)
+
+    enc = resolve_encoder(
+        encoder,
+        target_mpp=target_mpp,
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        transform=transform,
+        model_kwargs=model_kwargs,
+        device=device,
+    )
+    if rec:
+        _check_same("encoder", enc.name, rec["encoder"])
+        if enc.weights_sha256 != rec["weights_sha256"]:
+            raise ValueError(
+                f"encoder weights (sha256 {enc.weights_sha256[:12]}…) differ from the reference's "
+                f"({str(rec['weights_sha256'])[:12]}…): embed the query with the very same weights "
+                "(same checkpoint_path / module) as the reference"
+            )
+        if enc.dim != int(rec["feature_dim"]):
+            raise ValueError(
+                f"encoder gives {enc.dim} features but the reference has {rec['feature_dim']}"
+            )
+
+    # ---------------- resolve the sections of the input -------------------------------------
+    if hasattr(data, "tables") and hasattr(data, "images"):
+        table, sections = spatialdata_sections(
+            data,
+            table_key=table_key,
+            sample_key=sample_key,
+            image_key=image_key,
+            mpp_fullres=mpp_fullres,
+            spot_diameter_um=spot_diameter_um,
+        )
+        if copy:
+            raise ValueError("copy=True is for AnnData input; a SpatialData table is written in place")
+        adata = table
+    elif hasattr(data, "obsm") and hasattr(data, "uns"):
+        adata = data.copy() if copy else data
+        sections = anndata_sections(
+            adata,
+            sample_key=sample_key,
+            spatial_key=spatial_key,
+            image_dir=image_dir,
+            image_key=image_key if isinstance(image_key, str | type(None)) else None,
+            mpp_fullres=mpp_fullres,
+            spot_diameter_um=spot_diameter_um,
+        )
+    else:
+        raise ValueError(
+            f"data must be an AnnData or a SpatialData object; got {type(data).__name__}"
+        )
+    missing = [s for s in sections if s.missing]
+    if missing:
+        warnings.warn(
+            "no image for sample(s) "
+            + ", ".join(f"{s.name!r} ({s.missing})" for s in missing)
+            + f": their rows of obsm[{key_added!r}] are NaN; other samples are embedded",
+            UserWarning,
+            stacklevel=2,
+        )
+    present = [s for s in sections if not s.missing]
+    if not present:
+        raise ValueError(
+            "no section has a usable image: add uns['spatial'][lib]['images'] or 'image_file' "
+            "(with image_dir=), or SpatialData images sharing a coordinate system with the spots"
+        )
+    plans = [_plan(sec, target_mpp, tile_size_um) for sec in present]
+
+    # ---------------- stain normalisation ---------------------------------------------------
+    norm_rec: dict[str, Any] = {}
+    stain_fns: dict[str, Callable] = {}
+    if stain_normalization is not None:
+        normalizer = make_normalizer(stain_normalization)
+        fit_tiles = {
+            p["section"].name: _sample_tiles(p, tile_px, min_tissue_fraction, seed) for p in plans
+        }
+        if rec:
+            target = {k: np.asarray(v) for k, v in rec["normalizer"]["target"].items()}
+        else:
+            pooled = [t for ts in fit_tiles.values() for t in ts]
+            target = fit_from_tiles(normalizer, pooled, seed=seed)
+        sources = {}
+        for name, tiles in fit_tiles.items():
+            if not tiles:
+                continue
+            try:
+                sources[name] = fit_from_tiles(normalizer, tiles, seed=seed)
+            except ValueError:
+                sources[name] = target  # too little stain to fit: leave that section as is
+            stain_fns[name] = _StainFn(normalizer, sources[name], target)
+        norm_rec = {"method": stain_normalization, "target": target, "source": sources}
+
+    # ---------------- embed ----------------------------------------------------------------
+    emb = np.full((adata.n_obs, enc.dim), np.nan, dtype=np.float32)
+    valid = np.zeros(adata.n_obs, dtype=bool)
+    total = sum(len(p["section"].rows) for p in plans)
+    bar = tqdm(total=total, desc=f"embed_morphology[{enc.name}]", unit="tile", disable=not progress)
+    per_section = {}
+    for p in plans:
+        sec = p["section"]
+        ds = _TileDataset(
+            p["source"], p["centres_px"], p["half"], tile_px, min_tissue_fraction,
+            enc.preprocess, stain_fns.get(sec.name), p["chroma_threshold"],
+        )
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=enc.device.type == "cuda",
+            sampler=p["order"],
+        )
+        for idx, ok, _frac, x in loader:
+            idx, ok = idx.numpy(), ok.numpy().astype(bool)
+            if ok.any():
+                out = enc.embed(x[torch.from_numpy(ok)])
+                emb[sec.rows[idx[ok]]] = out
+            valid[sec.rows[idx[ok]]] = True
+            bar.update(len(idx))
+        per_section[sec.name] = {
+            "image": str(getattr(p["source"], "label", "")),
+            "level": int(p["source"].level),
+            "image_mpp": float(p["mpp"]),
+            "mpp_from": sec.info.get("mpp_from", ""),
+            "tissue_chroma_threshold": float(p["chroma_threshold"]),
+            "n_spots": len(sec.rows),
+            "n_valid": int(valid[sec.rows].sum()),
+        }
+    bar.close()
+    # an encoder may return non-finite features on odd tiles: treat them as invalid, never as 0
+    bad = valid & ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} tiles gave non-finite features; marked invalid", stacklevel=2)
+        emb[bad], valid[bad] = np.nan, False
+    for s in missing:
+        per_section[s.name] = {"n_spots": len(s.rows), "n_valid": 0, "missing": s.missing}
+
+    # ---------------- PCA ---------------------------------------------------------------------
+    pca_rec: dict[str, Any] | None = None
+    if rec and "pca" in rec:
+        pca_rec = {k: np.asarray(v) for k, v in rec["pca"].items()}
+    elif n_components is not None:
+        pca_rec = _fit_pca(emb[valid], n_components)
+    if pca_rec is not None:
+        out = np.full((adata.n_obs, int(pca_rec["components"].shape[0])), np.nan, np.float32)
+        z = (emb[valid] - pca_rec["mean"]) / pca_rec["scale"]
+        out[valid] = (z @ pca_rec["components"].T).astype(np.float32)
+        emb = out
+
+    # ---------------- write -------------------------------------------------------------------
+    adata.obsm[key_added] = emb
+    adata.obs[VALID_KEY] = valid
+    record = {
+        **enc.describe(),
+        "feature_dim": enc.dim,
+        "feature_names": list(enc.feature_names),
+        "tile_size_um": tile_size_um,
+        "target_mpp": target_mpp,
+        "tile_px": tile_px,
+        "min_tissue_fraction": min_tissue_fraction,
+        "stain_normalization": stain_normalization or "none",
+        "normalizer": norm_rec or None,
+        "pca": pca_rec,
+        "key_added": key_added,
+        "sections": per_section,
+        "reference_encoder_sha256": rec.get("weights_sha256") if rec else None,
+    }
+    if not isinstance(adata.uns.get(UNS_KEY), dict):
+        adata.uns[UNS_KEY] = {}
+    adata.uns[UNS_KEY][RECORD_KEY] = _plain(record)
+    n_valid = int(valid.sum())
+    logger.info("embedded %d / %d spots with %s", n_valid, adata.n_obs, enc.name)
+    return adata if copy else None
+
+
+def _encoder_from_record(rec: Mapping[str, Any]) -> Any:
+    if rec.get("encoder_kind") in ("builtin", "timm", "hf-hub", "checkpoint"):
+        return rec["encoder"]
+    raise ValueError(
+        f"the reference was embedded with a user module ({rec.get('encoder')!r}): pass the same "
+        "module as encoder= (its weights are checked against the reference's sha256)"
+    )
+
+
+def _plan(sec: Section, target_mpp: float, tile_size_um: float) -> dict[str, Any]:
+    """Choose the image level for a section and map its spot centres to that level's pixels."""
+    source, mpp = choose_source(sec, target_mpp)
+    homog = np.c_[sec.centres, np.ones(len(sec.centres))]
+    px0 = (homog @ sec.to_image.T)[:, :2]
+    centres_px = px0 / source.factor
+    # read rows in raster order: neighbouring tiles share image chunks (TIFF tiles, dask chunks)
+    order = np.lexsort((centres_px[:, 0], np.floor(centres_px[:, 1] / 256)))
+    return {
+        "section": sec,
+        "source": source,
+        "mpp": mpp,
+        "centres_px": centres_px,
+        "half": tile_size_um / mpp / 2.0,
+        "order": order.tolist(),
+        "chroma_threshold": estimate_chroma_threshold(source),
+    }
+
+
+def _sample_tiles(plan: Mapping[str, Any], tile_px: int, min_tissue: float, seed: int) -> list:
+    """A fixed random subset of valid raw tiles of one section (for stain fitting)."""
+    n = len(plan["centres_px"])
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(n, size=min(n, 4 * _N_FIT_TILES), replace=False)
+    ds = _TileDataset(
+        plan["source"], plan["centres_px"], plan["half"], tile_px, min_tissue, None,
+        chroma_threshold=plan["chroma_threshold"],
+    )
+    tiles = []
+    for i in np.sort(idx):
+        _, ok, _, t = ds[int(i)]
+        if ok:
+            tiles.append(t.numpy())
+        if len(tiles) >= _N_FIT_TILES:
+            break
+    return tiles
+
+
+def _fit_pca(x: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
+    """Standardise then PCA (features of the stain-texture encoder have different units)."""
+    from sklearn.decomposition import PCA
+
+    if x.shape[0] < 2:
+        raise ValueError(
+            f"n_components={n_components} needs at least 2 valid tiles; got {x.shape[0]}: "
+            "check the images or pass n_components=None"
+        )
+    k = min(n_components, x.shape[0], x.shape[1])
+    if k < n_components:
+        warnings.warn(f"n_components reduced from {n_components} to {k} (data size)", stacklevel=3)
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale = np.where(scale > 1e-8, scale, 1.0)
+    pca = PCA(n_components=k, random_state=0).fit((x - mean) / scale)
+    return {
+        "n_components": k,
+        "mean": mean.astype(np.float64),
+        "scale": scale.astype(np.float64),
+        "components": pca.components_.astype(np.float64),
+        "explained_variance_ratio": pca.explained_variance_ratio_.astype(np.float64),
+    }
