@@ -1,0 +1,380 @@
+"""The methods of the integration benchmark: one function per method, ``(adata, seed, ctx) ->
+embedding``.
+
+Every method reads the same prepared AnnData (:mod:`_data`): raw counts of the same genes in
+``layers['counts']``, ``obs['sample']`` as batch, ``obsm['spatial_neighbors']`` and, where the
+scenario has one, ``obsm['X_morphology']``. The training seed is the clustering seed. Heavy
+libraries are imported inside the functions, so a worker process pays only for what its method
+needs (see ``integration.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from anndata import AnnData
+
+SAMPLE_KEY = "sample"
+MORPHOLOGY_KEY = "X_morphology"
+NEIGHBORS_KEY = "spatial_neighbors"
+N_LATENT = 16  # HistoVI's default, given to scVI too
+N_PCS = 30
+
+#: HistoVI variants: name -> ``HistoVI(adata, **kwargs)``. A ``"train_kwargs"`` entry (a dict) is
+#: passed to ``model.train`` instead. Add variants here or with ``--histovi-variant NAME=JSON``.
+HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
+    "HistoVI": {},
+    "HistoVI-noMorph": {"use_morphology": False},
+    "HistoVI-noNiche": {"use_niche": False},
+    "HistoVI-noAlign": {"alignment_weight": 0.0},
+}
+
+#: Baselines, in the order they run (scVI before scVI+agg so that the latter reuses its latent).
+BASELINES = ("PCA", "Harmony", "scVI", "scVI+agg", "BANKSY", "AESTETIK")
+
+
+@dataclass
+class Context:
+    """What a method may need besides the data and the seed.
+
+    Attributes
+    ----------
+    max_epochs
+        Epochs of every neural method; ``None``: HistoVI's rule (scVI gets the same number) and
+        AESTETIK's own default.
+    histovi_variants
+        Name -> HistoVI keyword arguments.
+    previous
+        ``(method, seed) -> embedding`` of methods that already ran for this data, so that
+        ``scVI+agg`` can reuse the scVI latent of the same seed.
+    info
+        Filled by the method: anything worth reporting (epochs trained, settings, notes).
+    """
+
+    max_epochs: int | None = None
+    histovi_variants: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: dict(HISTOVI_VARIANTS)
+    )
+    previous: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_max_epochs(n_obs: int) -> int:
+    """HistoVI's epoch rule (``HistoVI.train`` with ``max_epochs=None``), mirrored here so that
+    scVI trains for the same number of epochs: ``max(20, min(400, round(400 * 20000 / n)))``."""
+    return int(max(20, min(400, round(400 * 20_000 / n_obs))))
+
+
+@contextlib.contextmanager
+def _quiet_cwd() -> Iterator[None]:
+    """Run in a scratch folder: Lightning writes ``lightning_logs/`` into the working directory."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="histovi_bench_") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
+def _counts(adata: AnnData):
+    return adata.layers["counts"] if "counts" in adata.layers else adata.X
+
+
+def _lognorm(adata: AnnData) -> AnnData:
+    """normalize_total + log1p of the counts, as a light AnnData (the user's stays untouched)."""
+    import scanpy as sc
+
+    x = AnnData(X=_counts(adata).astype(np.float32), obs=adata.obs[[SAMPLE_KEY]].copy())
+    x.var_names = adata.var_names
+    sc.pp.normalize_total(x, target_sum=1e4)
+    sc.pp.log1p(x)
+    return x
+
+
+def _pca_matrix(adata: AnnData, seed: int, n_comps: int = N_PCS) -> np.ndarray:
+    import scanpy as sc
+
+    x = _lognorm(adata)
+    n_comps = int(min(n_comps, x.n_vars - 1, x.n_obs - 1))
+    sc.pp.pca(x, n_comps=n_comps, random_state=seed)
+    return np.asarray(x.obsm["X_pca"], dtype=np.float32)
+
+
+def _harmony(X: np.ndarray, batches, seed: int) -> np.ndarray:
+    import harmonypy
+    import pandas as pd
+
+    meta = pd.DataFrame({"batch": np.asarray(batches).astype(str)})
+    ho = harmonypy.run_harmony(
+        X, meta, "batch", random_state=seed, verbose=False, ncores=min(2, os.cpu_count() or 1)
+    )
+    Z = np.asarray(ho.Z_corr)
+    # harmonypy < 2 returns (d, n); 2.x returns (n, d)
+    return (Z.T if Z.shape[0] != X.shape[0] else Z).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def pca(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
+    """PCA without correction: normalize_total + log1p + 30 PCs of the selected genes."""
+    ctx.info["settings"] = f"normalize_total(1e4)+log1p, {N_PCS} PCs"
+    return _pca_matrix(adata, seed)
+
+
+def harmony(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
+    """Harmony (harmonypy) on the PCA, batch = section."""
+    ctx.info["settings"] = f"harmonypy on {N_PCS} PCs, batch=sample"
+    return _harmony(_pca_matrix(adata, seed), adata.obs[SAMPLE_KEY], seed)
+
+
+def _scvi_latent(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
+    import scvi
+
+    scvi.settings.seed = seed
+    a = AnnData(X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy())
+    scvi.model.SCVI.setup_anndata(a, batch_key=SAMPLE_KEY)
+    model = scvi.model.SCVI(a, n_latent=N_LATENT)
+    epochs = ctx.max_epochs or default_max_epochs(a.n_obs)
+    with _quiet_cwd():
+        model.train(max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False)
+    ctx.info["epochs"] = len(model.history["elbo_train"])
+    return np.asarray(model.get_latent_representation(), dtype=np.float32)
+
+
+def scvi_(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
+    """scVI (n_latent 16, batch = section, HistoVI's epoch rule)."""
+    ctx.info["settings"] = f"SCVI(n_latent={N_LATENT}), batch=sample"
+    return _scvi_latent(adata, seed, ctx)
+
+
+def scvi_agg(adata: AnnData, seed: int, ctx: Context, n_hops: int = 2) -> np.ndarray:
+    """CellCharter recipe: scVI latent concatenated with its mean over the 1..n_hops spatial
+    rings (:func:`histovi.tl.aggregate_neighbors`). Reuses the scVI latent of the same seed when
+    scVI ran in this benchmark (its cost is then added by the harness)."""
+    import histovi
+
+    Z = ctx.previous.get(("scVI", seed))
+    ctx.info["reused_scVI"] = Z is not None
+    if Z is None:
+        Z = _scvi_latent(adata, seed, ctx)
+    light = AnnData(obs=adata.obs[[SAMPLE_KEY]].copy(), shape=(adata.n_obs, 0))
+    light.obsm["X_scvi"] = Z
+    light.obsm[NEIGHBORS_KEY] = np.asarray(adata.obsm[NEIGHBORS_KEY])
+    ctx.info["settings"] = f"scVI + aggregate_neighbors(n_hops={n_hops})"
+    return histovi.tl.aggregate_neighbors(
+        light, "X_scvi", n_hops=n_hops, neighbors_key=NEIGHBORS_KEY, sample_key=SAMPLE_KEY,
+        inplace=False,
+    )
+
+
+def banksy(
+    adata: AnnData,
+    seed: int,
+    ctx: Context,
+    k_geom: int = 6,
+    lambda_param: float = 0.2,
+    max_m: int = 0,
+    n_pcs: int = 20,
+) -> np.ndarray:
+    """BANKSY's multi-sample workflow (pybanksy).
+
+    As BANKSY's multi-sample / Harmony vignettes (DLPFC Visium: ``computeBanksy`` per sample with
+    ``k_geom=6``, ``lambda=0.2``, no AGF; ``runBanksyPCA(group=sample)``, i.e. features z-scaled
+    per sample; then Harmony on the BANKSY PCs): per section, the neighbour matrix is the
+    ``scaled_gaussian``-weighted mean of the ``k_geom`` nearest spots' expression
+    (``banksy.main.generate_spatial_weights_fixed_nbrs``), own and neighbour matrices are
+    z-scored within the section and weighted by ``sqrt(1 - lambda)`` / ``sqrt(lambda)``
+    (``banksy.main.concatenate_all``); sections are stacked, reduced to 20 PCs and corrected by
+    Harmony (batch = section). Input: normalize_total + log1p of the selected genes.
+    """
+    import contextlib as _cl
+    import io
+
+    from banksy.embed_banksy import create_nbr_matrix
+    from banksy.main import concatenate_all, generate_spatial_weights_fixed_nbrs
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _lognorm(adata)
+    X = x.X.toarray() if hasattr(x.X, "toarray") else np.asarray(x.X)
+    coords = np.asarray(adata.obsm["spatial"])[:, :2]
+    samples = adata.obs[SAMPLE_KEY].astype(str).to_numpy()
+    rows = np.empty((adata.n_obs, X.shape[1] * (2 + max_m)), dtype=np.float32)
+    for s in dict.fromkeys(samples):
+        idx = np.flatnonzero(samples == s)
+        xy = coords[idx]
+        nn = NearestNeighbors(algorithm="ball_tree").fit(xy)
+        weights = {}
+        with _cl.redirect_stdout(io.StringIO()):  # pybanksy prints per call
+            for m in range(max_m + 1):
+                w, _, _ = generate_spatial_weights_fixed_nbrs(
+                    xy, m=m, num_neighbours=k_geom, decay_type="scaled_gaussian",
+                    nbr_object=nn, verbose=False,
+                )
+                weights[m] = w
+            sub = AnnData(X=X[idx])
+            nbr = create_nbr_matrix(
+                sub, {"scaled_gaussian": {"weights": weights}}, "scaled_gaussian", max_m,
+                verbose=False,
+            )
+            mats = [sub.X] + [np.abs(nbr[m]) if np.iscomplexobj(nbr[m]) else nbr[m]
+                              for m in range(max_m + 1)]
+            rows[idx] = concatenate_all(mats, lambda_param, None)
+    Z = PCA(n_components=min(n_pcs, rows.shape[1] - 1), random_state=seed).fit_transform(rows)
+    ctx.info["settings"] = (
+        f"k_geom={k_geom}, lambda={lambda_param}, max_m={max_m}, {n_pcs} PCs, per-sample "
+        "z-scaling, Harmony(batch=sample)"
+    )
+    return _harmony(Z.astype(np.float32), samples, seed)
+
+
+def aestetik(
+    adata: AnnData,
+    seed: int,
+    ctx: Context,
+    n_components: int = 15,
+    num_repeats_predict: int = 100,
+) -> np.ndarray:
+    """AESTETIK (multi-sample: ``used_obs_batch='sample'``) on the expression PCA and the same
+    morphology embedding as HistoVI.
+
+    AESTETIK needs a morphology vector for every spot: spots without an image get the mean of
+    the spots with one (a constant, uninformative input), and without any morphology the
+    morphology input is constant (AESTETIK then sets its morphology weight to 0). Its
+    ``num_repeats_predict`` (dropout passes averaged at inference, default 1000) is lowered to
+    100 to keep CPU time in check. Epochs: AESTETIK's default (100, one full batch per epoch)
+    unless ``ctx.max_epochs`` is set.
+    """
+    import logging
+
+    from aestetik import AESTETIK
+    from sklearn.decomposition import PCA
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    expr = _pca_matrix(adata, seed, n_comps=n_components)
+    if MORPHOLOGY_KEY in adata.obsm:
+        m = np.asarray(adata.obsm[MORPHOLOGY_KEY], dtype=np.float64)
+        present = ~np.isnan(m).any(1)
+    else:
+        m, present = np.zeros((adata.n_obs, 1)), np.zeros(adata.n_obs, bool)
+    n_morph = int(min(n_components, m.shape[1]))
+    if present.sum() > n_morph:
+        mu, sd = m[present].mean(0), m[present].std(0) + 1e-8
+        pcs = PCA(n_components=n_morph, random_state=seed).fit((m[present] - mu) / sd)
+        morph = np.zeros((adata.n_obs, n_morph))
+        morph[present] = pcs.transform((m[present] - mu) / sd)
+        morph[~present] = morph[present].mean(0)
+    else:
+        morph = np.zeros((adata.n_obs, n_components))
+    a = AnnData(obs=adata.obs[[SAMPLE_KEY, "x_array", "y_array"]].copy(), shape=(adata.n_obs, 0))
+    a.obsm["X_pca_transcriptomics"] = expr
+    a.obsm["X_pca_morphology"] = morph.astype(np.float32)
+    labels = adata.obs["label"].astype(object)
+    labels = labels[labels.notna() & (labels.astype(str) != "undetermined")]
+    kwargs = {
+        "n_cluster": int(labels.nunique()),
+        "used_obs_batch": SAMPLE_KEY,
+        "num_repeats_predict": num_repeats_predict,
+        "random_state": seed,
+        "latent_dim": N_LATENT,
+    }
+    if ctx.max_epochs:
+        kwargs["max_epochs"] = int(ctx.max_epochs)
+    model = AESTETIK(**kwargs)
+    with _quiet_cwd():
+        model.fit(a)
+    ctx.info["epochs"] = int(model.trainer_.current_epoch)
+    ctx.info["settings"] = (
+        f"{expr.shape[1]} expression PCs + {morph.shape[1]} morphology PCs "
+        f"({int(present.sum())} spots with morphology), num_repeats_predict={num_repeats_predict}"
+    )
+    return np.asarray(model.embedding_, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- HistoVI
+
+
+def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoVI") -> np.ndarray:
+    """HistoVI with its defaults plus the variant's keyword arguments (no per-dataset tuning)."""
+    import scvi
+
+    from histovi import HistoVI
+
+    if name not in ctx.histovi_variants:
+        raise KeyError(
+            f"Unknown HistoVI variant {name!r}: add it to HISTOVI_VARIANTS or pass "
+            f"--histovi-variant {name}='{{...}}' (known: {list(ctx.histovi_variants)})."
+        )
+    kwargs = dict(ctx.histovi_variants[name])
+    train_kwargs = dict(kwargs.pop("train_kwargs", {}) or {})
+    a = AnnData(
+        X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy(), var=adata.var[[]].copy()
+    )
+    a.layers["counts"] = a.X
+    a.obsm[NEIGHBORS_KEY] = np.asarray(adata.obsm[NEIGHBORS_KEY])
+    morph = None
+    if MORPHOLOGY_KEY in adata.obsm and (~np.isnan(adata.obsm[MORPHOLOGY_KEY]).any(1)).any():
+        a.obsm[MORPHOLOGY_KEY] = np.asarray(adata.obsm[MORPHOLOGY_KEY], dtype=np.float32)
+        morph = MORPHOLOGY_KEY
+    scvi.settings.seed = seed
+    HistoVI.setup_anndata(
+        a, layer="counts", batch_key=SAMPLE_KEY, morphology_key=morph, neighbors_key=NEIGHBORS_KEY
+    )
+    model = HistoVI(a, **kwargs)
+    train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
+    with _quiet_cwd():
+        model.train(enable_progress_bar=False, enable_model_summary=False, **train_kwargs)
+    ctx.info["epochs"] = len(model.history["elbo_train"])
+    ctx.info["settings"] = f"{model._model_summary_string}; kwargs={kwargs}"
+    return np.asarray(model.get_latent_representation(), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- registry
+
+#: Baseline name -> (function, top-level modules it needs). The modules are imported before
+#: the memory baseline of a worker is taken, so import cost is not counted as the method's.
+_BASELINE_FUNCS: dict[str, tuple[Callable[..., np.ndarray], tuple[str, ...]]] = {
+    "PCA": (pca, ("scanpy",)),
+    "Harmony": (harmony, ("scanpy", "harmonypy")),
+    "scVI": (scvi_, ("scanpy", "scvi")),
+    "scVI+agg": (scvi_agg, ("scanpy", "scvi", "histovi")),
+    "BANKSY": (banksy, ("scanpy", "harmonypy", "banksy", "sklearn")),
+    "AESTETIK": (aestetik, ("scanpy", "aestetik", "lightning")),
+}
+
+
+def method_names(ctx: Context | None = None) -> list[str]:
+    """Every known method: baselines, then HistoVI variants."""
+    variants = (ctx or Context()).histovi_variants
+    return [*BASELINES, *variants]
+
+
+def resolve(name: str, ctx: Context) -> tuple[Callable[[AnnData, int, Context], np.ndarray], tuple[str, ...]]:
+    """Function ``(adata, seed, ctx) -> embedding`` and required modules of a method."""
+    if name in _BASELINE_FUNCS:
+        return _BASELINE_FUNCS[name]
+    if name in ctx.histovi_variants:
+        def run(adata: AnnData, seed: int, c: Context) -> np.ndarray:
+            return histovi_variant(adata, seed, c, name=name)
+
+        return run, ("scanpy", "scvi", "histovi")
+    raise KeyError(f"Unknown method {name!r}: choose from {method_names(ctx)}.")
+
+
+def unavailable_reason(name: str, ctx: Context) -> str | None:
+    """Why a method cannot run here (a missing package), or ``None``."""
+    import importlib.util
+
+    _, modules = resolve(name, ctx)
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (pip install 'histovi[benchmarks]')"
+    return None

@@ -1,0 +1,56 @@
+"""Smoke run of the integration benchmark harness (benchmarks/integration.py) so it cannot rot:
+a tiny simulated study, two cheap methods, one seed, in this process."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+integration = pytest.importorskip("integration")
+_methods = pytest.importorskip("_methods")
+pytest.importorskip("harmonypy")
+
+
+def test_smoke_run_writes_table_json_and_figures(tmp_path, capsys):
+    result = integration.run_benchmark(
+        "sim_tiny", ["Harmony", "PCA"], seeds=[0], out=tmp_path, in_process=True
+    )
+    out = tmp_path / "sim_tiny"
+    for name in ("table.md", "results.json", "per_section.csv", "scores_ARI.png",
+                 "domains_truth.png", "domains_PCA.png", "domains_Harmony.png"):
+        assert (out / name).exists(), name
+    table = {row["method"]: row for row in result["table"]}
+    assert list(table) == ["PCA", "Harmony"]  # the harness's order, not the caller's
+    for row in table.values():
+        assert row["status"] == "ok"
+        assert 0.0 < row["ARI"] <= 1.0 and 0.0 < row["NMI"] <= 1.0
+        assert 0.0 <= row["batch"] <= 1.0 and 0.0 <= row["bio"] <= 1.0
+        assert row["wall_s"] > 0 and np.isfinite(row["peak_mb"])
+    assert table["Harmony"]["ARI/Harmony"] == pytest.approx(1.0)
+    # per-section scores: one row per clustering method and labelled section
+    per = result["per_section"]
+    assert {r["clustering"] for r in per} == {"gmm", "kmeans"}
+    assert len(per) == 2 * 2 * 4  # 2 clusterings x 2 methods x 4 sections
+    assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [0]
+    printed = capsys.readouterr().out
+    assert "| PCA |" in printed and "| Harmony |" in printed
+    assert "gland vs gland_in_situ" in printed  # pair separation on simulated data
+
+
+def test_rejects_unknown_method_and_bad_variant(tmp_path):
+    with pytest.raises(KeyError, match="Unknown methods"):
+        integration.run_benchmark("sim_tiny", ["NotAMethod"], seeds=[0], out=tmp_path)
+    with pytest.raises(ValueError, match="seeds"):
+        integration.run_benchmark("sim_tiny", ["PCA"], seeds=[], out=tmp_path)
+    name, kwargs = integration._parse_variant('HistoVI-a10={"alignment_weight": 10}')
+    assert name == "HistoVI-a10" and kwargs == {"alignment_weight": 10}
+    with pytest.raises(Exception, match="NAME"):
+        integration._parse_variant("no-equals-sign")
+    ctx = _methods.Context(histovi_variants={**_methods.HISTOVI_VARIANTS, name: kwargs})
+    assert name in _methods.method_names(ctx)
+    assert _methods.default_max_epochs(20_000) == 400 and _methods.default_max_epochs(10**7) == 20
