@@ -481,7 +481,7 @@ def run_benchmark(
         raise KeyError(f"Unknown methods {unknown}: choose from {known} (or 'all').")
     # known order runs scVI before scVI+agg, so that the latter reuses its latent
     methods = [m for m in known if m in set(methods)]
-    out_dir = Path(out) / data
+    out_dir = Path(out).resolve() / data  # absolute: workers run with cwd = work/
     work = out_dir / "work"
     (work / "embeddings").mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else Path(__file__).resolve().parent / "results" / "cache"

@@ -54,3 +54,16 @@ def test_rejects_unknown_method_and_bad_variant(tmp_path):
     ctx = _methods.Context(histovi_variants={**_methods.HISTOVI_VARIANTS, name: kwargs})
     assert name in _methods.method_names(ctx)
     assert _methods.default_max_epochs(20_000) == 400 and _methods.default_max_epochs(10**7) == 20
+
+
+@pytest.mark.slow
+def test_isolated_worker_run_with_relative_out(tmp_path, monkeypatch):
+    """The default mode: one worker process per method, relative --out resolved correctly."""
+    monkeypatch.chdir(tmp_path)
+    result = integration.run_benchmark(
+        "sim_tiny", ["PCA"], seeds=[0, 1], out="rel_out", make_figures=False
+    )
+    row = result["table"][0]
+    assert row["status"] == "ok", result["records"]["PCA"].get("error")
+    assert row["n_seeds"] == 2 and row["peak_mb"] >= 0
+    assert (tmp_path / "rel_out" / "sim_tiny" / "work" / "record_PCA.json").exists()
