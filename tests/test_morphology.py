@@ -14,7 +14,7 @@ import torch
 
 from histovi.datasets._images import draw_he_images
 from histovi.pp import embed_morphology
-from histovi.pp._stain import MacenkoNormalizer, ReinhardNormalizer, fit_from_tiles, tissue_mask
+from histovi.pp._stain import MacenkoNormalizer, ReinhardNormalizer, fit_from_tiles
 
 FAST = {"tile_size_um": 64.0, "target_mpp": 2.0, "progress": False}  # 32 px tiles
 
@@ -42,7 +42,7 @@ def _grid_adata(n: int = 8, samples=("s1", "s2")) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def he_adata() -> ad.AnnData:
-    adata = _grid_adata()
+    adata = _grid_adata(n=6)
     adata.uns["spatial"] = draw_he_images(adata, seed=3)
     return adata
 
@@ -69,13 +69,14 @@ def test_stain_texture_separates_domains_and_writes_documented_keys(he_adata):
     rec = adata.uns["histovi"]["morphology"]
     assert rec["encoder"] == "stain-texture" and rec["tile_px"] == 32
     assert len(rec["feature_names"]) == emb.shape[1]
-    # textures differ by domain: k-means on standardised features recovers the bands
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
+    # textures differ by domain: domains are predictable from the features across both
+    # sections (chance 1/3; k-means ARI on the simulator is in the benchmark)
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
 
     z = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
-    pred = KMeans(3, n_init=10, random_state=0).fit_predict(z)
-    assert adjusted_rand_score(adata.obs["domain"], pred) > 0.6
+    acc = cross_val_score(KNeighborsClassifier(5), z, adata.obs["domain"], cv=4).mean()
+    assert acc > 0.8
 
 
 def test_copy_leaves_input_untouched(he_adata):
@@ -264,16 +265,18 @@ def test_stain_normalizers_move_colour_towards_target(he_adata):
         return [read_tile(src, x, y, 16, 32)[0] for x, y in xy[:20]]
 
     t1, t2 = tiles("s1"), tiles("s2")
-
-    def mean_colour(ts):
-        return np.mean([t[tissue_mask(t)].mean(0) for t in ts], axis=0)
-
-    for norm in (MacenkoNormalizer(), ReinhardNormalizer()):
+    # the defining property: re-fitting on normalised tiles gives (nearly) the target's stain
+    # parameters: stain vectors for Macenko, Lab mean/std for Reinhard
+    for norm, key in ((MacenkoNormalizer(), "stain_matrix"), (ReinhardNormalizer(), "mean")):
         target, source = fit_from_tiles(norm, t1), fit_from_tiles(norm, t2)
         moved = [norm.transform(t, source, target) for t in t2]
-        before = np.abs(mean_colour(t2) - mean_colour(t1)).sum()
-        after = np.abs(mean_colour(moved) - mean_colour(t1)).sum()
-        assert after < before, (type(norm).__name__, before, after)
+        refit = fit_from_tiles(norm, moved)
+        before = np.abs(source[key] - target[key]).max()
+        after = np.abs(refit[key] - target[key]).max()
+        assert after < 0.5 * before, (type(norm).__name__, before, after)
+        # a section normalised to its own parameters is (nearly) unchanged
+        same = norm.transform(t1[0], target, target).astype(float)
+        assert np.abs(same - t1[0]).mean() < 3.0
 
 
 def _her2st_dir() -> Path:
@@ -302,14 +305,16 @@ def test_her2st_tiles_land_on_tissue():
     off.obsm["spatial"] = np.full_like(adata.obsm["spatial"], 120.0) + rng.uniform(0, 60, adata.obsm["spatial"].shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        embed_morphology(adata, image_dir=folder, tile_size_um=100.0, target_mpp=2.0, progress=False)
-        embed_morphology(off, image_dir=folder, tile_size_um=100.0, target_mpp=2.0, progress=False)
+        # 3 µm/px: B4 (1.4 µm/px JPEG) is decoded at half scale, A1 (3.2 µm/px) as is
+        kw = {"image_dir": folder, "tile_size_um": 100.0, "target_mpp": 3.0, "progress": False}
+        embed_morphology(adata, **kw)
+        embed_morphology(off, **kw)
     for s in ("A1", "B4"):
         m = (adata.obs["sample"] == s).to_numpy()
         assert adata.obs["morphology_valid"][m].mean() > 0.9, s
         assert off.obs["morphology_valid"][m].mean() < 0.1, s
     rec = adata.uns["histovi"]["morphology"]["sections"]
-    assert rec["B4"]["mpp_from"] == "um_per_px_fullres"
+    assert rec["B4"]["mpp_from"] == "um_per_px_fullres" and rec["B4"]["level"] == 1
     # tissue tiles carry texture: haematoxylin spread is far above the flat background's
     names = list(adata.uns["histovi"]["morphology"]["feature_names"])
     emb = adata.obsm["X_morphology"][:, names.index("H_locstd_2um")]

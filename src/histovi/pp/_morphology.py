@@ -297,9 +297,11 @@ def embed_morphology(
             encoder = _encoder_from_record(rec)
             if rec.get("encoder_kind") == "checkpoint":
                 encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
-                if not os.path.exists(checkpoint_path):
+                if str(encoder).startswith("file:"):  # a pickled module: the file is the encoder
+                    encoder, checkpoint_path = checkpoint_path, None
+                if not os.path.exists(rec["checkpoint_path"]):
                     raise ValueError(
-                        f"the reference encoder's weights file {checkpoint_path!r} is gone: pass "
+                        f"the reference encoder's weights file {rec['checkpoint_path']!r} is gone: pass "
                         f"encoder={rec['encoder']!r}, checkpoint_path='<same weights>'"
                     )
             pretrained = bool(rec.get("pretrained", pretrained))
