@@ -230,7 +230,9 @@ def simulate(
                 without_image.append(sample)
             morph.append(m.astype(np.float32))
 
-            coords.append(xy + rng.normal(0, 1.0, xy.shape))  # sub-pixel jitter of spot centres
+            # sub-pixel jitter of spot centres; the one-spacing offset keeps pixel coordinates
+            # positive (images are drawn from pixel 0, as on a real slide scan)
+            coords.append(xy + SPOT_SPACING_UM + rng.normal(0, 1.0, xy.shape))
             obs.append(
                 pd.DataFrame(
                     {"sample": sample, "patient": patient, "domain": domain},
