@@ -120,7 +120,9 @@ def test_mudata_with_morphology_modality(small_adata):
     from anndata import AnnData
 
     rna = small_adata.copy()
-    morph = AnnData(X=small_adata.obsm["X_morphology"].copy(), obs=pd.DataFrame(index=rna.obs_names))
+    morph = AnnData(
+        X=small_adata.obsm["X_morphology"].copy(), obs=pd.DataFrame(index=rna.obs_names)
+    )
     mdata = md.MuData({"rna": rna, "morph": morph})
     scvi.settings.seed = 0
     HistoVI.setup_mudata(
@@ -128,7 +130,12 @@ def test_mudata_with_morphology_modality(small_adata):
         rna_layer="counts",
         batch_key="sample",
         neighbors_key="spatial_neighbors",
-        modalities={"rna_layer": "rna", "batch_key": "rna", "morphology": "morph", "neighbors_key": "rna"},
+        modalities={
+            "rna_layer": "rna",
+            "batch_key": "rna",
+            "morphology": "morph",
+            "neighbors_key": "rna",
+        },
     )
     model = HistoVI(mdata, n_latent=4, n_hidden=16)
     assert model.module.view_names == ["morphology"]
@@ -211,7 +218,10 @@ def test_query_refused_on_encoder_mismatch(small_adata):
     ref, query = _split(small_adata, ["P2_S2"])
     ref.uns["histovi"]["morphology"] = {"encoder": "stain-texture", "tile_size_um": 100.0}
     model = _trained(ref)
-    query.uns.setdefault("histovi", {})["morphology"] = {"encoder": "resnet50", "tile_size_um": 100.0}
+    query.uns.setdefault("histovi", {})["morphology"] = {
+        "encoder": "resnet50",
+        "tile_size_um": 100.0,
+    }
     with pytest.raises(ValueError, match="encoder"):
         HistoVI.prepare_query_anndata(query, model)
     with pytest.raises(ValueError, match="encoder"):

@@ -224,7 +224,9 @@ def simulate(
             # Morphology embedding: class mean + spot noise, then the section's stain shift.
             mclass = np.array([_MORPHOLOGY_CLASS[d] for d in domain])
             m = morph_means[mclass] + rng.normal(0, 1.0, (n, morphology_dim))
-            m = m * np.exp(rng.normal(0, 0.15)) + rng.normal(0, morphology_batch_effect, morphology_dim)
+            m = m * np.exp(rng.normal(0, 0.15)) + rng.normal(
+                0, morphology_batch_effect, morphology_dim
+            )
             if section_index >= n_sections - sections_without_image:
                 m[:] = np.nan
                 without_image.append(sample)

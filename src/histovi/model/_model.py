@@ -14,7 +14,13 @@ from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, fields
-from scvi.model.base import ArchesMixin, BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
+from scvi.model.base import (
+    ArchesMixin,
+    BaseModelClass,
+    RNASeqMixin,
+    UnsupervisedTrainingMixin,
+    VAEMixin,
+)
 from scvi.nn import FCLayers
 
 from .._constants import UNS_KEY
@@ -107,7 +113,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             views = {k: v for k, v in views.items() if k == MORPHOLOGY_VIEW}
         view_dims, view_means, view_stds = {}, {}, {}
         for name in views:
-            values = np.asarray(self.adata_manager.get_from_registry(view_registry_key(name)), dtype=np.float64)
+            values = np.asarray(
+                self.adata_manager.get_from_registry(view_registry_key(name)), dtype=np.float64
+            )
             present = ~np.isnan(values).any(1)
             if not present.any():
                 # Only a query (set up from a reference registry) gets here: its view scaling is
@@ -122,7 +130,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         if use_niche and not has_neighbors:
             logger.info("No neighbors_key registered: training without the neighbourhood view.")
         n_neighbors = (
-            self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1] if has_neighbors else 1
+            self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1]
+            if has_neighbors
+            else 1
         )
         cat_info = self.adata_manager.data_registry.get(REGISTRY_KEYS.CAT_COVS_KEY)
         n_cats_per_cov = (
@@ -171,8 +181,16 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
     def _registered_views(self) -> dict[str, str]:
         setup = self.adata_manager.registry["setup_args"]
         if "morphology_layer" in setup:  # MuData
-            views = {MORPHOLOGY_VIEW: setup["morphology_layer"] or "X"} if setup.get("morphology_mod") else {}
-            return {k: v for k, v in views.items() if view_registry_key(k) in self.adata_manager.data_registry}
+            views = (
+                {MORPHOLOGY_VIEW: setup["morphology_layer"] or "X"}
+                if setup.get("morphology_mod")
+                else {}
+            )
+            return {
+                k: v
+                for k, v in views.items()
+                if view_registry_key(k) in self.adata_manager.data_registry
+            }
         return _view_setup(setup.get("morphology_key"), setup.get("embedding_keys"))
 
     @classmethod
@@ -219,8 +237,15 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 "HistoVI.setup_mudata for MuData, or histovi.io.from_spatialdata for SpatialData."
             )
         _check_setup_inputs(
-            adata, layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key,
-            categorical_covariate_keys, continuous_covariate_keys,
+            adata,
+            layer,
+            batch_key,
+            morphology_key,
+            neighbors_key,
+            embedding_keys,
+            labels_key,
+            categorical_covariate_keys,
+            continuous_covariate_keys,
             # a query (set up from a reference's registry) may lack a view entirely
             allow_missing_views="source_registry" in kwargs,
         )
@@ -294,21 +319,37 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                     "order; give spots without an image NaN rows instead of dropping them."
                 )
             values = morph.layers[morphology_layer] if morphology_layer else morph.X
-            check_finite_or_nan_rows(np.asarray(values.toarray() if sp.issparse(values) else values), morph_mod)
+            check_finite_or_nan_rows(
+                np.asarray(values.toarray() if sp.issparse(values) else values), morph_mod
+            )
         morphology_mod = morph_mod  # recorded in the setup args
         setup_method_args = cls._get_setup_method_args(**locals())
         setup_method_args["setup_args"].pop("modalities", None)
         mods = cls._create_modalities_attr_dict(
             {k: v for k, v in modalities.items()},
-            {"setup_args": {k: None for k in (
-                "rna_layer", "batch_key", "morphology_layer", "neighbors_key", "labels_key",
-                "categorical_covariate_keys", "continuous_covariate_keys")}},
+            {
+                "setup_args": {
+                    k: None
+                    for k in (
+                        "rna_layer",
+                        "batch_key",
+                        "morphology_layer",
+                        "neighbors_key",
+                        "labels_key",
+                        "categorical_covariate_keys",
+                        "continuous_covariate_keys",
+                    )
+                }
+            },
         )
         setup_method_args["setup_args"]["modalities"] = dict(mods)
         default_mod = mods.rna_layer
         mudata_fields = [
             fields.MuDataLayerField(
-                REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=True,
+                REGISTRY_KEYS.X_KEY,
+                rna_layer,
+                mod_key=mods.rna_layer,
+                is_count_data=True,
                 mod_required=True,
             ),
             fields.MuDataCategoricalObsField(
@@ -318,19 +359,24 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=mods.labels_key or default_mod
             ),
             fields.MuDataCategoricalJointObsField(
-                REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys,
+                REGISTRY_KEYS.CAT_COVS_KEY,
+                categorical_covariate_keys,
                 mod_key=mods.categorical_covariate_keys or default_mod,
             ),
             fields.MuDataNumericalJointObsField(
-                REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys,
+                REGISTRY_KEYS.CONT_COVS_KEY,
+                continuous_covariate_keys,
                 mod_key=mods.continuous_covariate_keys or default_mod,
             ),
         ]
         if morph_mod is not None:
             mudata_fields.append(
                 fields.MuDataLayerField(
-                    view_registry_key(MORPHOLOGY_VIEW), morphology_layer, mod_key=morph_mod,
-                    is_count_data=False, mod_required=True,
+                    view_registry_key(MORPHOLOGY_VIEW),
+                    morphology_layer,
+                    mod_key=morph_mod,
+                    is_count_data=False,
+                    mod_required=True,
                 )
             )
         if neighbors_key is not None:
@@ -468,7 +514,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         cols = sp.csr_matrix(counts[:, src])
         # Place present genes at their reference positions via a column selection matrix.
         sel = sp.csr_matrix(
-            (np.ones(present.sum(), dtype=np.float32), (np.arange(present.sum()), np.flatnonzero(present))),
+            (
+                np.ones(present.sum(), dtype=np.float32),
+                (np.arange(present.sum()), np.flatnonzero(present)),
+            ),
             shape=(int(present.sum()), len(ref_genes)),
         )
         aligned = (cols @ sel).tocsr()
@@ -490,7 +539,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                     UserWarning,
                     stacklevel=2,
                 )
-                query.obsm[key] = np.full((query.n_obs, record["view_dims"][name]), np.nan, np.float32)
+                query.obsm[key] = np.full(
+                    (query.n_obs, record["view_dims"][name]), np.nan, np.float32
+                )
             elif np.asarray(query.obsm[key]).shape[1] != record["view_dims"][name]:
                 raise ValueError(
                     f"adata.obsm['{key}'] has {np.asarray(query.obsm[key]).shape[1]} columns, the "
@@ -511,7 +562,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                     spatial_key=nrec.get("spatial_key", "spatial"),
                     key_added=nkey,
                 )
-            elif nkey in query.obsm and np.asarray(query.obsm[nkey]).shape[1] != record["n_neighbors"]:
+            elif (
+                nkey in query.obsm
+                and np.asarray(query.obsm[nkey]).shape[1] != record["n_neighbors"]
+            ):
                 raise ValueError(
                     f"adata.obsm['{nkey}'] has {np.asarray(query.obsm[nkey]).shape[1]} neighbours per "
                     f"spot, the reference used {record['n_neighbors']}: recompute with "
@@ -608,7 +662,11 @@ class _ReferenceInfo:
         self.setup_args = registry["setup_args"]
         fr = registry["field_registries"]
         n_batch = fr[REGISTRY_KEYS.BATCH_KEY]["summary_stats"]["n_batch"]
-        cats = fr.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {}).get("n_cats_per_key", [])
+        cats = (
+            fr.get(REGISTRY_KEYS.CAT_COVS_KEY, {})
+            .get("state_registry", {})
+            .get("n_cats_per_key", [])
+        )
         self.cat_list = [n_batch] + list(cats or [])
 
 
@@ -682,8 +740,16 @@ def _restore_covariate_columns(module, ref_state: dict, ref_cats: list[int]) -> 
 
 
 def _check_setup_inputs(
-    adata, layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key,
-    categorical_covariate_keys, continuous_covariate_keys, allow_missing_views=False,
+    adata,
+    layer,
+    batch_key,
+    morphology_key,
+    neighbors_key,
+    embedding_keys,
+    labels_key,
+    categorical_covariate_keys,
+    continuous_covariate_keys,
+    allow_missing_views=False,
 ):
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no spots.")
@@ -708,7 +774,9 @@ def _check_setup_inputs(
         values = require_obsm(adata, key, hint)
         present = check_finite_or_nan_rows(values, key)
         if not present.any() and not allow_missing_views:
-            raise ValueError(f"adata.obsm['{key}'] is NaN for every spot: no spot has this view. {hint}")
+            raise ValueError(
+                f"adata.obsm['{key}'] is NaN for every spot: no spot has this view. {hint}"
+            )
     if neighbors_key is not None:
         nbrs = check_neighbors(adata, neighbors_key, batch_key)
         if nbrs.shape[1] < 1:

@@ -225,7 +225,12 @@ class HistoVAE(BaseModuleClass):
             for name in self.view_names
             if view_registry_key(name) in tensors
         }
-        return {"x": tensors[REGISTRY_KEYS.X_KEY], "cat_list": cat_list, "cont": cont, "views": views}
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "cat_list": cat_list,
+            "cont": cont,
+            "views": views,
+        }
 
     def _get_generative_input(self, tensors, inference_outputs):
         cat_list, cont = self._covariates(tensors)
@@ -278,18 +283,24 @@ class HistoVAE(BaseModuleClass):
         px_scale, _, px_rate, _ = self.decoder("gene", z_in, torch.log(library), *cat_list)
         px = NegativeBinomial(mu=px_rate, theta=self.px_r.exp(), scale=px_scale)
         out = {"px": px, "pz": Normal(torch.zeros_like(z), torch.ones_like(z))}
-        out["pviews"] = {name: self.view_decoders[name](z_in, *cat_list) for name in self.view_names}
+        out["pviews"] = {
+            name: self.view_decoders[name](z_in, *cat_list) for name in self.view_names
+        }
         if self.use_niche and niche_library is not None:
             niche_scale, _, niche_rate, _ = self.niche_decoder(
                 "gene", z_in, torch.log(niche_library.clamp(min=1.0)), *cat_list
             )
-            out["pniche"] = NegativeBinomial(mu=niche_rate, theta=self.niche_r.exp(), scale=niche_scale)
+            out["pniche"] = NegativeBinomial(
+                mu=niche_rate, theta=self.niche_r.exp(), scale=niche_scale
+            )
         return out
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
-        qz, z = inference_outputs["qz"], inference_outputs["z"]
-        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(-1)
+        qz = inference_outputs["qz"]
+        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(
+            -1
+        )
         rec_x = -generative_outputs["px"].log_prob(x).sum(-1)
         reconstruction = {"expression": rec_x}
 

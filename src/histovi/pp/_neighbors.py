@@ -59,7 +59,9 @@ def spatial_neighbors(
         require_obs(adata, sample_key, "Pass sample_key= naming the section column, or None.")
         samples = adata.obs[sample_key].astype("category")
         if samples.isna().any():
-            raise ValueError(f"adata.obs['{sample_key}'] has missing values: every spot needs a sample.")
+            raise ValueError(
+                f"adata.obs['{sample_key}'] has missing values: every spot needs a sample."
+            )
         sizes = samples.value_counts()
         small = sizes[sizes <= n_neighbors]
         if len(small):
@@ -70,7 +72,9 @@ def spatial_neighbors(
     elif adata.n_obs <= n_neighbors:
         raise ValueError(f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}.")
 
-    light = AnnData(obs=adata.obs[[sample_key]].copy() if sample_key else None, shape=(adata.n_obs, 0))
+    light = AnnData(
+        obs=adata.obs[[sample_key]].copy() if sample_key else None, shape=(adata.n_obs, 0)
+    )
     if sample_key is not None:
         light.obs[sample_key] = samples.to_numpy()
         light.obs[sample_key] = light.obs[sample_key].astype("category")
