@@ -31,7 +31,7 @@ from ._constants import LATENT_KEY, MORPHOLOGY_KEY, NEIGHBORS_KEY
 #: ``obs`` column the CLI writes its domains to (``'domain'`` is the simulator's ground truth).
 DOMAIN_KEY = "histovi_domain"
 #: Simulated study of the default run: sized to finish in a few minutes on 2 CPU cores.
-DEFAULT_SIM = {"n_patients": 4, "n_sections_per_patient": 2, "grid_size": 24, "n_genes": 600}
+DEFAULT_SIM = {"n_patients": 4, "n_sections_per_patient": 2, "grid_size": 20, "n_genes": 600}
 #: Epochs of the default run (the library's own default scales with the data size; a fixed,
 #: recorded number keeps the command's run time predictable).
 DEFAULT_MAX_EPOCHS = 60
