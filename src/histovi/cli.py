@@ -34,7 +34,7 @@ DOMAIN_KEY = "histovi_domain"
 DEFAULT_SIM = {"n_patients": 4, "n_sections_per_patient": 2, "grid_size": 20, "n_genes": 600}
 #: Epochs of the default run (the library's own default scales with the data size; a fixed,
 #: recorded number keeps the command's run time predictable).
-DEFAULT_MAX_EPOCHS = 60
+DEFAULT_MAX_EPOCHS = 40
 #: ``obs`` columns tried, in order, as ground truth when ``--label-key`` is not given.
 LABEL_CANDIDATES = ("label", "domain")
 
