@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -428,20 +429,26 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
 
         ``max_epochs`` defaults to scVI's rule, ``min(400, round(400 * 20_000 / n_spots))``, with at
         least 20 epochs, so that small and large studies get a comparable number of updates.
-        Lightning arguments (``strategy``, ``callbacks``, ``enable_checkpointing``,
+        A query model's default is a tenth of the reference's training work (spots x epochs),
+        between 10 and 200 epochs. Lightning arguments (``strategy``, ``callbacks``, ``enable_checkpointing``,
         ``default_root_dir``, ``ckpt_path`` ...) pass through, so long runs can checkpoint and
         resume. Query models (from :meth:`load_query_data`) train with weight decay 0 so that the
         frozen reference weights stay bit-identical.
         """
-        if max_epochs is None:
-            n = self.adata.n_obs
+        n = self.adata.n_obs
+        record = self.histovi_setup_
+        if max_epochs is None and getattr(self, "is_query_", False) and record.get("train_spot_epochs"):
+            # A query trains a handful of covariate columns: a tenth of the reference's work
+            # (spots x epochs) is plenty, and keeps mapping a patient cheap.
+            max_epochs = int(max(10, min(200, round(0.1 * record["train_spot_epochs"] / n))))
+        elif max_epochs is None:
             max_epochs = int(max(20, min(400, round(400 * 20_000 / n))))
         plan_kwargs = dict(plan_kwargs or {})
         if getattr(self, "is_query_", False):
             plan_kwargs.setdefault("weight_decay", 0.0)
         if checkpoint_dir is not None:
             trainer_kwargs.update(_checkpointing(checkpoint_dir, trainer_kwargs))
-        return super().train(
+        out = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -452,6 +459,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             plan_kwargs=plan_kwargs,
             **trainer_kwargs,
         )
+        if not getattr(self, "is_query_", False):
+            record["train_spot_epochs"] = record.get("train_spot_epochs", 0) + n * max_epochs
+        return out
 
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
@@ -596,6 +606,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         # against frozen reference batches is not what it learnt, so it is off for queries.
         model.module.alignment_weight = 0.0
         model.is_query_ = True
+        # the reference's record (restored by scvi-tools), not shared with the reference object
+        model.histovi_setup_ = copy.deepcopy(model.histovi_setup_)
         return model
 
 
