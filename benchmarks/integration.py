@@ -140,6 +140,15 @@ def run_method(
     return record
 
 
+def _limit_threads(threads: int | None) -> None:
+    """Cap torch's intra-op threads. On a shared, oversubscribed CPU, OpenMP threads spin while
+    waiting: one scVI epoch on her2st cost 5x more CPU time with 2 threads than with 1."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -149,6 +158,7 @@ def _worker(spec_path: str) -> None:
     import anndata as ad
 
     spec = json.loads(Path(spec_path).read_text())
+    _limit_threads(spec.get("threads"))
     ctx = _methods.Context(
         max_epochs=spec["max_epochs"], histovi_variants=spec["variants"]
     )
@@ -165,12 +175,13 @@ def _worker(spec_path: str) -> None:
 
 def _run_isolated(
     method: str, seeds: Sequence[int], prepared: Path, work: Path, max_epochs: int | None,
-    variants: dict, previous: list[str],
+    variants: dict, previous: list[str], threads: int | None = None,
 ) -> dict[str, Any]:
     spec = {
         "method": method, "seeds": [int(s) for s in seeds], "prepared": str(prepared),
         "emb_dir": str(work / "embeddings"), "max_epochs": max_epochs, "variants": variants,
         "previous": previous, "record": str(work / f"record_{_safe(method)}.json"),
+        "threads": threads,
     }
     spec_path = work / f"spec_{_safe(method)}.json"
     spec_path.write_text(json.dumps(spec))
@@ -447,6 +458,8 @@ def run_benchmark(
     histovi_variants: dict[str, dict] | None = None,
     make_figures: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    threads: int | None = 1,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark and write its outputs; returns the results as a dict.
 
@@ -471,6 +484,13 @@ def run_benchmark(
         Draw the figures.
     cache_dir
         Cache of expensive inputs (her2st morphology); default ``benchmarks/results/cache``.
+    threads
+        torch threads per method (``None``: torch's default). 1 by default: on a shared CPU
+        machine extra OpenMP threads mostly spin.
+    reuse
+        Reuse a method's finished record (and embeddings) from an earlier run in the same
+        ``out/<data>/work`` when it ran with the same seeds, epochs and settings (resume an
+        interrupted run, or add a method to a finished one).
     """
     if not seeds:
         raise ValueError("`seeds` is empty: pass at least one seed (the protocol asks for 3).")
@@ -498,6 +518,8 @@ def run_benchmark(
 
     records: dict[str, dict] = {}
     embeddings: dict[tuple[str, int], np.ndarray] = {}
+    if in_process:
+        _limit_threads(threads)
     for method in methods:
         reason = _methods.unavailable_reason(method, ctx)
         if reason:
@@ -506,11 +528,24 @@ def run_benchmark(
             print(f"[{method}] unavailable: {reason}", flush=True)
             continue
         t = time.perf_counter()
+        key = {"seeds": [int(x) for x in seeds], "max_epochs": max_epochs,
+               "variant": variants.get(method), "n_obs": int(adata.n_obs),
+               "n_vars": int(adata.n_vars)}
+        old_path = work / f"record_{_safe(method)}.json"
+        old = json.loads(old_path.read_text()) if reuse and old_path.exists() else None
+        if old is not None and old.get("status") == "ok" and old.get("key") == key:
+            records[method] = old
+            for r in old["runs"]:
+                path = work / "embeddings" / f"{_safe(method)}_seed{r['seed']}.npy"
+                embeddings[(method, r["seed"])] = np.load(path)
+            print(f"[{method}] reused from {old_path}", flush=True)
+            continue
         if in_process:
             rec = run_method(adata, method, seeds, ctx, work / "embeddings")
         else:
             rec = _run_isolated(method, seeds, prepared, work, max_epochs, variants,
-                                previous=["scVI"] if method == "scVI+agg" else [])
+                                previous=["scVI"] if method == "scVI+agg" else [],
+                                threads=threads)
         if method == "scVI+agg" and "scVI" in records and records["scVI"]["status"] == "ok":
             # the CellCharter latent is scVI's plus aggregation: charge scVI's cost to it too
             scvi_runs = {r["seed"]: r for r in records["scVI"]["runs"]}
@@ -519,6 +554,8 @@ def run_benchmark(
                     r["wall_s"] += scvi_runs[r["seed"]]["wall_s"]
                     r["info"].setdefault("epochs", scvi_runs[r["seed"]]["info"].get("epochs"))
             rec["peak_mb"] = max(rec.get("peak_mb", 0.0), records["scVI"].get("peak_mb", 0.0))
+        rec["key"] = key
+        old_path.write_text(json.dumps(rec, default=str))
         records[method] = rec
         for r in rec["runs"]:
             path = work / "embeddings" / f"{_safe(method)}_seed{r['seed']}.npy"
@@ -636,6 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="run methods in this process (no per-method memory isolation)")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per method (0: torch's default)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished methods of an earlier run in the same --out")
     parser.add_argument("--rebuild-report", metavar="DIR",
                         help="only rewrite DIR/table.md from DIR/results.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -656,7 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods += groups.get(m, [m])
     run_benchmark(args.data, methods, args.seeds, args.out, max_epochs=args.max_epochs,
                   in_process=args.in_process, histovi_variants=variants,
-                  make_figures=not args.no_figures)
+                  make_figures=not args.no_figures, threads=args.threads or None,
+                  reuse=args.reuse)
     return 0
 
 
