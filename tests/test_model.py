@@ -356,3 +356,35 @@ def test_training_resumes_from_checkpoint(small_adata, tmp_path):
     second.train(max_epochs=4, checkpoint_dir=ckpt, enable_progress_bar=False)
     assert len(second.history["elbo_train"]) == 2
     assert second.history["elbo_train"].index[0] == 2
+
+
+def test_extra_embedding_views_and_missing_view_in_query(small_adata):
+    adata = small_adata.copy()
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(adata.n_obs, 6)).astype(np.float32)
+    emb[(adata.obs["sample"] == "P1_S2").to_numpy()] = np.nan  # a sample without this view
+    adata.obsm["X_fm"] = emb
+    scvi.settings.seed = 0
+    _setup(adata, embedding_keys={"fm": "X_fm"})
+    model = HistoVI(adata, n_latent=4, n_hidden=32)
+    assert model.module.view_names == ["morphology", "fm"]
+    assert model.histovi_setup_["view_dims"] == {"morphology": 8, "fm": 6}
+    init = model.module.view_encoders["fm"].mean_encoder.weight.detach().clone()
+    model.train(**TRAIN)
+    assert np.isfinite(model.get_latent_representation()).all()
+    # the view's expert is trained (it receives gradients from the fused posterior)
+    assert not torch.equal(init, model.module.view_encoders["fm"].mean_encoder.weight.detach())
+    assert HistoVI(adata, use_embeddings=False).module.view_names == ["morphology"]
+    with pytest.raises(ValueError, match="morphology_key"):
+        _setup(adata, embedding_keys={"morphology": "X_fm"})
+    # a query without the FM view still maps, with the views it has
+    ref, query = _split(adata, ["P2_S2"])
+    _setup(ref, embedding_keys={"fm": "X_fm"})
+    ref_model = HistoVI(ref, n_latent=4, n_hidden=32)
+    ref_model.train(**TRAIN)
+    del query.obsm["X_fm"]
+    with pytest.warns(UserWarning, match="fm"):
+        prepared = HistoVI.prepare_query_anndata(query, ref_model)
+    qmodel = HistoVI.load_query_data(prepared, ref_model)
+    qmodel.train(**TRAIN)
+    assert np.isfinite(qmodel.get_latent_representation()).all()
