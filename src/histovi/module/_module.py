@@ -132,43 +132,25 @@ class HistoVAE(BaseModuleClass):
         self.cat_list = cat_list
         n_cont = n_continuous_cov
 
-        self.z_encoder = Encoder(
-            n_input + n_cont,
-            n_latent,
-            n_cat_list=cat_list,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            inject_covariates=True,
-            use_batch_norm=False,
-            use_layer_norm=True,
-            return_dist=False,
-        )
-        self.decoder = DecoderSCVI(
-            n_latent + n_cont,
-            n_input,
-            n_cat_list=cat_list,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            inject_covariates=True,
-            use_batch_norm=False,
-            use_layer_norm=True,
-        )
+        # Every network takes the covariates in every layer and uses layer norm (batch norm
+        # statistics would carry batch effects, and scArches freezes them awkwardly).
+        net = {
+            "n_cat_list": cat_list,
+            "n_layers": n_layers,
+            "n_hidden": n_hidden,
+            "inject_covariates": True,
+            "use_batch_norm": False,
+            "use_layer_norm": True,
+        }
+        self.z_encoder = Encoder(n_input + n_cont, n_latent, dropout_rate=dropout_rate, **net)
+        self.decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
         self.px_r = nn.Parameter(torch.randn(n_input))
 
         self.view_encoders = nn.ModuleDict()
         self.view_decoders = nn.ModuleDict()
         for name, dim in (view_dims or {}).items():
             self.view_encoders[name] = Encoder(
-                dim + n_cont,
-                n_latent,
-                n_cat_list=cat_list,
-                n_layers=n_layers,
-                n_hidden=n_hidden,
-                dropout_rate=dropout_rate,
-                inject_covariates=True,
-                use_batch_norm=False,
-                use_layer_norm=True,
+                dim + n_cont, n_latent, dropout_rate=dropout_rate, **net
             )
             self.view_decoders[name] = GaussianViewDecoder(
                 n_latent + n_cont, dim, cat_list, n_hidden, n_layers, dropout_rate
@@ -179,16 +161,7 @@ class HistoVAE(BaseModuleClass):
             self.register_buffer(f"_view_std_{name}", torch.as_tensor(std, dtype=torch.float32))
 
         if use_niche:
-            self.niche_decoder = DecoderSCVI(
-                n_latent + n_cont,
-                n_input,
-                n_cat_list=cat_list,
-                n_layers=n_layers,
-                n_hidden=n_hidden,
-                inject_covariates=True,
-                use_batch_norm=False,
-                use_layer_norm=True,
-            )
+            self.niche_decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
             self.niche_r = nn.Parameter(torch.randn(n_input))
 
         if alignment_weight > 0 and n_batch > 1:

@@ -304,7 +304,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cpu")
     try:
         return torch.device(device)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device: use 'auto', 'cpu' or 'cuda'") from err
 
 

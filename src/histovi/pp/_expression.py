@@ -377,20 +377,9 @@ def _embed_pca(
 
 
 def _resolve_device(device: str) -> Any:
-    import torch
+    from ._encoders import resolve_device  # one device rule for all encoders
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device={device!r} is not a torch device: use 'auto', 'cpu' or 'cuda'."
-        ) from err
+    return resolve_device(device)
 
 
 def _import_transformers() -> Any:
