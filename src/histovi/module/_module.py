@@ -113,7 +113,7 @@ class HistoVAE(BaseModuleClass):
         use_niche: bool = True,
         niche_weight: float = 1.0,
         n_neighbors: int = 6,
-        alignment_weight: float = 5.0,
+        alignment_weight: float = 20.0,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
     ):
