@@ -555,6 +555,7 @@ def run_benchmark(
                     r["info"].setdefault("epochs", scvi_runs[r["seed"]]["info"].get("epochs"))
             rec["peak_mb"] = max(rec.get("peak_mb", 0.0), records["scVI"].get("peak_mb", 0.0))
         rec["key"] = key
+        rec["in_process"] = bool(in_process)
         old_path.write_text(json.dumps(rec, default=str))
         records[method] = rec
         for r in rec["runs"]:
@@ -587,7 +588,9 @@ def run_benchmark(
         "batch / bio: mean of the scib-metrics batch (iLISI, silhouette_batch, BRAS, "
         "graph_connectivity) and bio (cLISI, silhouette_label) scores on labelled spots.",
         "wall s: per seed (median over seeds: the first seed also pays one-off warm-up); "
-        "peak MB: peak RSS above the loaded data, one process per method" + (" (in-process sampler: biased low)" if in_process else "") + ".",
+        "peak MB: peak RSS above the loaded data, one process per method"
+        + (" (some methods ran in-process: their sampler-only peaks are biased low)"
+           if any(r.get("in_process") for r in records.values()) else "") + ".",
         "max_epochs: " + (str(max_epochs) + " for every neural method" if max_epochs else
                           "HistoVI's rule (scVI the same), AESTETIK's own default (100)"),
     ]
