@@ -388,3 +388,27 @@ def test_extra_embedding_views_and_missing_view_in_query(small_adata):
     qmodel = HistoVI.load_query_data(prepared, ref_model)
     qmodel.train(**TRAIN)
     assert np.isfinite(qmodel.get_latent_representation()).all()
+
+
+def test_view_dropout_hides_views_from_the_encoder_only_in_training(small_adata):
+    _setup(small_adata)
+    model = HistoVI(small_adata, n_latent=4, n_hidden=16, view_dropout=1.0)
+    module = model.module
+    from histovi.data._loader import NeighborhoodDataLoader
+
+    batch = next(iter(NeighborhoodDataLoader(model.adata_manager, batch_size=16)))
+    inputs = module._get_inference_input(batch)
+    no_views = {**inputs, "views": {}}
+    module.train()
+    torch.manual_seed(0)
+    # every view hidden: the posterior is the expression expert's alone (dropout layers off)
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.testing.assert_close(
+        module.inference(**inputs)["qz"].loc, module.inference(**no_views)["qz"].loc
+    )
+    module.eval()
+    assert not torch.allclose(
+        module.inference(**inputs)["qz"].loc, module.inference(**no_views)["qz"].loc
+    )

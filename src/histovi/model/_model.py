@@ -78,6 +78,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         20 was chosen on the simulator (patient effects of 0.7 log-fold sd: ARI 0.40 at 5,
         0.67 at 10, 0.74 at 20, 0.65 at 50 with one section collapsing) and agrees with the
         design probe on her2st; see benchmarks/README.md.
+    view_dropout
+        Share of spots whose morphology / embedding views are hidden from the encoder at each
+        training step (they are still reconstructed): spots and samples without an image then
+        embed like those with one (modality dropout, as in multimodal VAEs).
 
     Examples
     --------
@@ -105,6 +109,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         use_niche: bool = True,
         niche_weight: float = 1.0,
         alignment_weight: float = 20.0,
+        view_dropout: float = 0.3,
     ):
         super().__init__(adata)
         if adata is None:
@@ -158,6 +163,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             niche_weight=niche_weight,
             n_neighbors=n_neighbors,
             alignment_weight=alignment_weight,
+            view_dropout=view_dropout,
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
         )

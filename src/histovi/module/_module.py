@@ -95,6 +95,8 @@ class HistoVAE(BaseModuleClass):
         Number of spatial neighbours (k) the niche counts are summed over.
     alignment_weight
         Weight of the adversarial sample classifier on z (0 turns alignment off).
+    view_dropout
+        Share of spots whose embedding views are hidden from the encoder at each training step.
     n_cats_per_cov, n_continuous_cov
         Extra categorical and continuous covariates.
     """
@@ -114,6 +116,7 @@ class HistoVAE(BaseModuleClass):
         niche_weight: float = 1.0,
         n_neighbors: int = 6,
         alignment_weight: float = 20.0,
+        view_dropout: float = 0.3,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
     ):
@@ -126,6 +129,7 @@ class HistoVAE(BaseModuleClass):
         self.niche_weight = niche_weight
         self.n_neighbors = max(int(n_neighbors), 1)
         self.alignment_weight = alignment_weight
+        self.view_dropout = view_dropout
         self.n_continuous_cov = n_continuous_cov
         # The same covariate list feeds every encoder and decoder (see HistoVI.load_query_data).
         cat_list = [n_batch] + list(n_cats_per_cov or [])
@@ -236,6 +240,12 @@ class HistoVAE(BaseModuleClass):
             view_inputs[name] = (values, mask)
             v_in = values if cont is None else torch.cat([values, cont], dim=-1)
             mu_v, var_v, _ = self.view_encoders[name](v_in, *cat_list)
+            if self.training and self.view_dropout > 0:
+                # Hide the view from the encoder for a random share of spots (it is still
+                # reconstructed), so spots and whole samples without the view land in the
+                # same place as those with it instead of forming their own clusters.
+                keep = torch.rand_like(mask) >= self.view_dropout
+                mask = mask * keep
             mask = mask.unsqueeze(-1)
             precision = precision + mask / var_v
             weighted_mean = weighted_mean + mask * mu_v / var_v
