@@ -87,7 +87,11 @@ def select_genes(adata: AnnData, n_top_genes: int = N_HVG, batch_key: str = SAMP
     if adata.n_vars <= n_top_genes:
         return adata.copy()
     hvg = sc.pp.highly_variable_genes(
-        adata, n_top_genes=n_top_genes, flavor="seurat_v3", batch_key=batch_key, layer="counts",
+        adata,
+        n_top_genes=n_top_genes,
+        flavor="seurat_v3",
+        batch_key=batch_key,
+        layer="counts",
         inplace=False,
     )
     keep = adata.var_names.isin(hvg.index[hvg["highly_variable"].to_numpy()])
@@ -116,7 +120,9 @@ def load_sim(scenario: str = "sim", seed: int = 0, n_top_genes: int = N_HVG) -> 
     import histovi
 
     if scenario not in SIM_SCENARIOS:
-        raise KeyError(f"Unknown simulator scenario {scenario!r}: use one of {list(SIM_SCENARIOS)}.")
+        raise KeyError(
+            f"Unknown simulator scenario {scenario!r}: use one of {list(SIM_SCENARIOS)}."
+        )
     adata = histovi.datasets.simulate(seed=seed, **SIM_SCENARIOS[scenario])
     adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str).astype("category")
     spacing = histovi.datasets._simulate.SPOT_SPACING_UM
@@ -126,7 +132,9 @@ def load_sim(scenario: str = "sim", seed: int = 0, n_top_genes: int = N_HVG) -> 
     return _finish(adata, scenario, "simulated (obsm['X_morphology'])", n_top_genes)
 
 
-def _her2st_morphology(adata: AnnData, data_dir: Path, cache_dir: Path | None) -> tuple[np.ndarray | None, str]:
+def _her2st_morphology(
+    adata: AnnData, data_dir: Path, cache_dir: Path | None
+) -> tuple[np.ndarray | None, str]:
     """Stain-texture morphology of the 8 her2st sections with an image, cached on disk."""
     try:
         from histovi.pp import embed_morphology
@@ -150,6 +158,21 @@ def _her2st_morphology(adata: AnnData, data_dir: Path, cache_dir: Path | None) -
     return X, "stain-texture"
 
 
+def read_her2st_counts():
+    """The shared her2st AnnData with raw counts copied to ``layers['counts']``."""
+    import anndata as ad
+
+    path = her2st_dir() / "her2st_dev.h5ad"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"her2st not found at {path}: put the shared data beside the checkout or set "
+            "HISTOVI_SHARED_DATA to the folder holding her2st/."
+        )
+    adata = ad.read_h5ad(path)
+    adata.layers["counts"] = adata.X.copy()
+    return adata
+
+
 def load_her2st(
     n_top_genes: int = N_HVG,
     morphology: bool = True,
@@ -167,17 +190,8 @@ def load_her2st(
     cache_dir
         Folder where the morphology embedding is cached between runs.
     """
-    import anndata as ad
-
     data_dir = her2st_dir()
-    path = data_dir / "her2st_dev.h5ad"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"her2st not found at {path}: put the shared data beside the checkout or set "
-            "HISTOVI_SHARED_DATA to the folder holding her2st/."
-        )
-    adata = ad.read_h5ad(path)
-    adata.layers["counts"] = adata.X.copy()
+    adata = read_her2st_counts()
     label = adata.obs["label"].astype(object)
     adata.obs[LABEL_KEY] = pd.Categorical(label.where(label.notna(), None))
     arr = np.asarray(adata.obsm["array"])

@@ -96,16 +96,7 @@ def load_raw(name: str, cache_dir: Path, seed: int = 0) -> AnnData:
         adata = histovi.datasets.simulate(seed=seed, **SIM_DATA[name])
         adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str)
     elif name == "her2st":
-        import anndata as ad
-
-        path = _data.her2st_dir() / "her2st_dev.h5ad"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"her2st not found at {path}: put the shared data beside the checkout or set "
-                "HISTOVI_SHARED_DATA to the folder holding her2st/."
-            )
-        adata = ad.read_h5ad(path)
-        adata.layers["counts"] = adata.X.copy()
+        adata = _data.read_her2st_counts()
         morph, source = _data._her2st_morphology(adata, _data.her2st_dir(), cache_dir)
         if morph is not None:
             adata.obsm[MORPHOLOGY_KEY] = np.asarray(morph, dtype=np.float32)
@@ -119,8 +110,10 @@ def load_raw(name: str, cache_dir: Path, seed: int = 0) -> AnnData:
     adata.obs[SAMPLE_KEY] = adata.obs[SAMPLE_KEY].astype(str)
     keep_obsm = {k: adata.obsm[k] for k in ("spatial", MORPHOLOGY_KEY) if k in adata.obsm}
     out = AnnData(
-        X=adata.layers["counts"], obs=adata.obs[[SAMPLE_KEY, PATIENT_KEY, LABEL_KEY]].copy(),
-        var=pd.DataFrame(index=adata.var_names), obsm=keep_obsm,
+        X=adata.layers["counts"],
+        obs=adata.obs[[SAMPLE_KEY, PATIENT_KEY, LABEL_KEY]].copy(),
+        var=pd.DataFrame(index=adata.var_names),
+        obsm=keep_obsm,
     )
     out.layers["counts"] = out.X
     return out
@@ -136,7 +129,9 @@ def prepare_training(adata: AnnData, n_top_genes: int) -> AnnData:
 
 
 def _has_morphology(adata: AnnData) -> bool:
-    return MORPHOLOGY_KEY in adata.obsm and bool((~np.isnan(adata.obsm[MORPHOLOGY_KEY]).any(1)).any())
+    return MORPHOLOGY_KEY in adata.obsm and bool(
+        (~np.isnan(adata.obsm[MORPHOLOGY_KEY]).any(1)).any()
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -150,7 +145,9 @@ def train_histovi(adata: AnnData, seed: int, max_epochs: int | None):
 
     scvi.settings.seed = seed
     HistoVI.setup_anndata(
-        adata, layer="counts", batch_key=SAMPLE_KEY,
+        adata,
+        layer="counts",
+        batch_key=SAMPLE_KEY,
         morphology_key=MORPHOLOGY_KEY if _has_morphology(adata) else None,
         neighbors_key=NEIGHBORS_KEY,
     )
@@ -166,8 +163,11 @@ def train_scvi_reference(adata: AnnData, seed: int, max_epochs: int | None):
     import scvi
 
     scvi.settings.seed = seed
-    a = AnnData(X=adata.layers["counts"].copy(), obs=adata.obs[[SAMPLE_KEY]].copy(),
-                var=pd.DataFrame(index=adata.var_names))
+    a = AnnData(
+        X=adata.layers["counts"].copy(),
+        obs=adata.obs[[SAMPLE_KEY]].copy(),
+        var=pd.DataFrame(index=adata.var_names),
+    )
     scvi.model.SCVI.setup_anndata(a, batch_key=SAMPLE_KEY)
     model = scvi.model.SCVI(a, **SCVI_ARCHES)
     with _quiet_cwd():
@@ -181,8 +181,11 @@ def map_scvi_query(query_raw: AnnData, ref_model, seed: int, epochs: int):
     import scvi
 
     scvi.settings.seed = seed
-    q = AnnData(X=query_raw.layers["counts"].copy(), obs=query_raw.obs[[SAMPLE_KEY]].copy(),
-                var=pd.DataFrame(index=query_raw.var_names))
+    q = AnnData(
+        X=query_raw.layers["counts"].copy(),
+        obs=query_raw.obs[[SAMPLE_KEY]].copy(),
+        var=pd.DataFrame(index=query_raw.var_names),
+    )
     scvi.model.SCVI.prepare_query_anndata(q, ref_model)
     qmodel = scvi.model.SCVI.load_query_data(q, ref_model)
     with _quiet_cwd():
@@ -244,7 +247,11 @@ def knn_transfer(ref_obs, z_ref, qry_obs, z_qry) -> np.ndarray:
 
     ref, qry = _light(ref_obs, z_ref), _light(qry_obs, z_qry)
     out = histovi.tl.transfer_labels(
-        ref, qry, label_key=LABEL_KEY, use_rep=REP, n_neighbors=N_NEIGHBORS_TRANSFER,
+        ref,
+        qry,
+        label_key=LABEL_KEY,
+        use_rep=REP,
+        n_neighbors=N_NEIGHBORS_TRANSFER,
         inplace=False,
     )
     return out[LABEL_KEY].astype(str).to_numpy()
@@ -260,8 +267,9 @@ def head_transfer(ref_obs, z_ref, z_qry, seed: int) -> np.ndarray:
     known = ref_obs[LABEL_KEY].notna().to_numpy()
     clf = make_pipeline(
         StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(128,), early_stopping=True, max_iter=300,
-                      random_state=seed),
+        MLPClassifier(
+            hidden_layer_sizes=(128,), early_stopping=True, max_iter=300, random_state=seed
+        ),
     )
     clf.fit(z_ref[known], ref_obs[LABEL_KEY][known].astype(str).to_numpy())
     return clf.predict(z_qry)
@@ -313,7 +321,8 @@ def run_holdout(
     )
     ari_joint_head = (
         ari_by_section(jobs[j_q], head_transfer(jobs[~j_q], jz[~j_q], jz[j_q], seed))[0]
-        if with_head else None
+        if with_head
+        else None
     )
     scvi_ref = None
     if with_scvi:
@@ -352,7 +361,9 @@ def run_holdout(
             "n_ref_spots": int(ref.n_obs),
             "n_query_spots": int(query.n_obs),
             "n_ref_genes": int(ref.n_vars),
-            "query_genes_zero_filled": int((~model.adata.var_names.isin(query_raw.var_names)).sum()),
+            "query_genes_zero_filled": int(
+                (~model.adata.var_names.isin(query_raw.var_names)).sum()
+            ),
             "prepare_warnings": [str(w.message) for w in caught],
             "ARI_query_knn": ari_q,
             "ARI_query_knn_per_section": ari_q_per,
@@ -410,7 +421,8 @@ def make_table(rows: list[dict[str, Any]]) -> str:
     """One line per (held-out patient, query epochs), mean ± sd over seeds; plus the mean."""
     df = pd.DataFrame(rows)
     df["unchanged"] = (
-        df["reference_params_unchanged"] & df["reference_latent_unchanged"]
+        df["reference_params_unchanged"]
+        & df["reference_latent_unchanged"]
         & df["query_model_reference_weights_equal"]
     )
     cols = [
@@ -421,16 +433,25 @@ def make_table(rows: list[dict[str, Any]]) -> str:
         ("query/joint time", "query_over_joint_time", True),
     ]
     cols = [c for c in cols if c[1] in df]
-    header = ["held-out patient", "query epochs", *[c[0] for c in cols],
-              "Δ query−joint", "reference unchanged (bitwise)", "max abs Δz ref via query"]
+    header = [
+        "held-out patient",
+        "query epochs",
+        *[c[0] for c in cols],
+        "Δ query−joint",
+        "reference unchanged (bitwise)",
+        "max abs Δz ref via query",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def line(name, sub):
         delta = sub["ARI_query_knn"] - sub["ARI_joint_knn"]
         cells = [name, str(int(sub["query_epochs"].iloc[0]))]
         cells += [_fmt(sub[c[1]], c[2]) for c in cols]
-        cells += [_fmt(delta), "yes" if sub["unchanged"].all() else "NO",
-                  f"{sub['query_model_on_reference_max_abs_diff'].max():.1e}"]
+        cells += [
+            _fmt(delta),
+            "yes" if sub["unchanged"].all() else "NO",
+            f"{sub['query_model_on_reference_max_abs_diff'].max():.1e}",
+        ]
         return "| " + " | ".join(cells) + " |"
 
     for (patient, _epochs), sub in df.groupby(["patient", "query_epochs"], sort=True):
@@ -477,8 +498,11 @@ def run(
     unknown = set(holdout) - set(patients)
     if unknown:
         raise ValueError(f"--holdout {sorted(unknown)} not in the data's patients {patients}.")
-    print(f"{data}: {raw.n_obs} spots, {raw.n_vars} genes, patients {patients}, "
-          f"morphology: {_has_morphology(raw)}", flush=True)
+    print(
+        f"{data}: {raw.n_obs} spots, {raw.n_vars} genes, patients {patients}, "
+        f"morphology: {_has_morphology(raw)}",
+        flush=True,
+    )
     out_dir = Path(out) / data
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -491,10 +515,21 @@ def run(
             "seconds": jseconds,
             "epochs": len(jmodel.history["elbo_train"]),
         }
-        print(f"seed {seed}: joint HistoVI {joint['epochs']} epochs in {jseconds:.0f} s", flush=True)
+        print(
+            f"seed {seed}: joint HistoVI {joint['epochs']} epochs in {jseconds:.0f} s", flush=True
+        )
         for patient in holdout:
-            rows += run_holdout(raw, patient, seed, max_epochs, query_epochs, n_top_genes, joint,
-                                with_scvi, with_head)
+            rows += run_holdout(
+                raw,
+                patient,
+                seed,
+                max_epochs,
+                query_epochs,
+                n_top_genes,
+                joint,
+                with_scvi,
+                with_head,
+            )
             # partial results survive an interrupted run
             _write(out_dir, {"settings": {"data": data, "partial": True}, "rows": rows})
     table = make_table(rows)
@@ -506,7 +541,9 @@ def run(
         "n_top_genes": n_top_genes,
         "transfer": f"histovi.tl.transfer_labels, n_neighbors={N_NEIGHBORS_TRANSFER}",
         "scvi_arches": SCVI_ARCHES,
-        "morphology": raw.uns.get("benchmark_morphology", "simulated" if data in SIM_DATA else None),
+        "morphology": raw.uns.get(
+            "benchmark_morphology", "simulated" if data in SIM_DATA else None
+        ),
         "command": " ".join(sys.argv),
         "total_seconds": time.perf_counter() - t_start,
     }
@@ -521,21 +558,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="sim_small", choices=[*SIM_DATA, "her2st"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-epochs", type=int, default=None,
-                        help="epochs of the reference, joint and scVI reference models "
-                             "(default: HistoVI's rule for each)")
-    parser.add_argument("--query-epochs", nargs="+", type=int, default=[50],
-                        help="epochs of the query models (HistoVI and scVI); several values "
-                             "each get a query model on the same reference")
-    parser.add_argument("--holdout", nargs="+", default=None,
-                        help="patients to hold out (default: every patient)")
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="epochs of the reference, joint and scVI reference models "
+        "(default: HistoVI's rule for each)",
+    )
+    parser.add_argument(
+        "--query-epochs",
+        nargs="+",
+        type=int,
+        default=[50],
+        help="epochs of the query models (HistoVI and scVI); several values "
+        "each get a query model on the same reference",
+    )
+    parser.add_argument(
+        "--holdout", nargs="+", default=None, help="patients to hold out (default: every patient)"
+    )
     parser.add_argument("--n-top-genes", type=int, default=_data.N_HVG)
     parser.add_argument("--no-scvi", action="store_true", help="skip scVI + scArches")
     parser.add_argument("--no-head", action="store_true", help="skip the MLP classifier head")
     parser.add_argument("--out", default="benchmarks/results/reference_mapping")
     args = parser.parse_args(argv)
-    run(args.data, args.seeds, args.max_epochs, args.query_epochs, args.holdout, args.out,
-        args.n_top_genes, not args.no_scvi, not args.no_head)
+    run(
+        args.data,
+        args.seeds,
+        args.max_epochs,
+        args.query_epochs,
+        args.holdout,
+        args.out,
+        args.n_top_genes,
+        not args.no_scvi,
+        not args.no_head,
+    )
     return 0
 
 
