@@ -8,6 +8,10 @@ genes, the same neighbours and the same morphology:
   ``obs['x_array']`` / ``obs['y_array']`` (integer grid coordinates, used by AESTETIK);
 * ``obsm['spatial']``, ``obsm['spatial_neighbors']`` (k = 6 within each section);
 * ``obsm['X_morphology']`` when the scenario has a morphology embedding (NaN rows = no image);
+* ``obsm['X_fm']``: an expression-embedding view, as a transcriptomics foundation model would
+  give: simulated with known signal on the simulator, and on her2st the only embedding that can
+  be produced offline, ``histovi.pp.embed_expression(adata, "pca")`` (16 PCs of the log-normalised
+  HVG counts; no pretrained FM weights can be downloaded here);
 * ``uns['benchmark']``: what was done (scenario, genes, morphology source).
 """
 
@@ -27,6 +31,8 @@ SAMPLE_KEY = "sample"
 N_NEIGHBORS = 6
 N_HVG = 2000
 IGNORE_LABELS = ("undetermined",)
+FM_KEY = "X_fm"  # the expression-embedding view (issue 7 ablations)
+FM_DIM = 16
 
 #: Simulator scenarios: name -> keyword arguments of :func:`histovi.datasets.simulate`.
 #: The default study already holds a morphology-only pair (gland / gland_in_situ) and a
@@ -123,13 +129,16 @@ def load_sim(scenario: str = "sim", seed: int = 0, n_top_genes: int = N_HVG) -> 
         raise KeyError(
             f"Unknown simulator scenario {scenario!r}: use one of {list(SIM_SCENARIOS)}."
         )
-    adata = histovi.datasets.simulate(seed=seed, **SIM_SCENARIOS[scenario])
+    params = {"expression_embedding_dim": FM_DIM, **SIM_SCENARIOS[scenario]}
+    adata = histovi.datasets.simulate(seed=seed, **params)
     adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str).astype("category")
     spacing = histovi.datasets._simulate.SPOT_SPACING_UM
     col, row = _hex_array_coords(adata.obsm["spatial"], spacing)
     # per-section grids share one origin because every section uses the same hexagonal grid
     adata.obs["x_array"], adata.obs["y_array"] = col, row
-    return _finish(adata, scenario, "simulated (obsm['X_morphology'])", n_top_genes)
+    adata = _finish(adata, scenario, "simulated (obsm['X_morphology'])", n_top_genes)
+    adata.uns["benchmark"]["expression_embedding"] = "simulated (obsm['X_fm'])"
+    return adata
 
 
 def _her2st_morphology(
@@ -190,6 +199,8 @@ def load_her2st(
     cache_dir
         Folder where the morphology embedding is cached between runs.
     """
+    import histovi
+
     data_dir = her2st_dir()
     adata = read_her2st_counts()
     label = adata.obs["label"].astype(object)
@@ -202,7 +213,10 @@ def load_her2st(
         X, source = _her2st_morphology(adata, data_dir, Path(cache_dir) if cache_dir else None)
         if X is not None:
             adata.obsm["X_morphology"] = X
-    return _finish(adata, "her2st", source, n_top_genes)
+    adata = _finish(adata, "her2st", source, n_top_genes)
+    histovi.pp.embed_expression(adata, "pca", layer="counts", key_added=FM_KEY, n_comps=FM_DIM)
+    adata.uns["benchmark"]["expression_embedding"] = "pca (offline)"
+    return adata
 
 
 def load(name: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> AnnData:

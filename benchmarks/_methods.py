@@ -33,6 +33,8 @@ HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI-noMorph": {"use_morphology": False},
     "HistoVI-noNiche": {"use_niche": False},
     "HistoVI-noAlign": {"alignment_weight": 0.0},
+    # an expression-embedding view (obsm['X_fm'], see _data.py) beside the counts
+    "HistoVI+FM": {"embeddings": {"fm": "X_fm"}},
 }
 
 #: Baselines, in the order they run (scVI before scVI+agg so that the latter reuses its latent).
@@ -170,7 +172,11 @@ def scvi_agg(adata: AnnData, seed: int, ctx: Context, n_hops: int = 2) -> np.nda
     light.obsm[NEIGHBORS_KEY] = np.asarray(adata.obsm[NEIGHBORS_KEY])
     ctx.info["settings"] = f"scVI + aggregate_neighbors(n_hops={n_hops})"
     return histovi.tl.aggregate_neighbors(
-        light, "X_scvi", n_hops=n_hops, neighbors_key=NEIGHBORS_KEY, sample_key=SAMPLE_KEY,
+        light,
+        "X_scvi",
+        n_hops=n_hops,
+        neighbors_key=NEIGHBORS_KEY,
+        sample_key=SAMPLE_KEY,
         inplace=False,
     )
 
@@ -216,17 +222,25 @@ def banksy(
         with _cl.redirect_stdout(io.StringIO()):  # pybanksy prints per call
             for m in range(max_m + 1):
                 w, _, _ = generate_spatial_weights_fixed_nbrs(
-                    xy, m=m, num_neighbours=k_geom, decay_type="scaled_gaussian",
-                    nbr_object=nn, verbose=False,
+                    xy,
+                    m=m,
+                    num_neighbours=k_geom,
+                    decay_type="scaled_gaussian",
+                    nbr_object=nn,
+                    verbose=False,
                 )
                 weights[m] = w
             sub = AnnData(X=X[idx])
             nbr = create_nbr_matrix(
-                sub, {"scaled_gaussian": {"weights": weights}}, "scaled_gaussian", max_m,
+                sub,
+                {"scaled_gaussian": {"weights": weights}},
+                "scaled_gaussian",
+                max_m,
                 verbose=False,
             )
-            mats = [sub.X] + [np.abs(nbr[m]) if np.iscomplexobj(nbr[m]) else nbr[m]
-                              for m in range(max_m + 1)]
+            mats = [sub.X] + [
+                np.abs(nbr[m]) if np.iscomplexobj(nbr[m]) else nbr[m] for m in range(max_m + 1)
+            ]
             rows[idx] = concatenate_all(mats, lambda_param, None)
     Z = PCA(n_components=min(n_pcs, rows.shape[1] - 1), random_state=seed).fit_transform(rows)
     ctx.info["settings"] = (
@@ -315,6 +329,7 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
         )
     kwargs = dict(ctx.histovi_variants[name])
     train_kwargs = dict(kwargs.pop("train_kwargs", {}) or {})
+    embeddings = dict(kwargs.pop("embeddings", {}) or {})
     a = AnnData(
         X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy(), var=adata.var[[]].copy()
     )
@@ -324,9 +339,20 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
     if MORPHOLOGY_KEY in adata.obsm and (~np.isnan(adata.obsm[MORPHOLOGY_KEY]).any(1)).any():
         a.obsm[MORPHOLOGY_KEY] = np.asarray(adata.obsm[MORPHOLOGY_KEY], dtype=np.float32)
         morph = MORPHOLOGY_KEY
+    for view, key in embeddings.items():
+        if key not in adata.obsm:
+            raise KeyError(
+                f"Variant {name!r} needs obsm[{key!r}] (view {view!r}); the data has none."
+            )
+        a.obsm[key] = np.asarray(adata.obsm[key], dtype=np.float32)
     scvi.settings.seed = seed
     HistoVI.setup_anndata(
-        a, layer="counts", batch_key=SAMPLE_KEY, morphology_key=morph, neighbors_key=NEIGHBORS_KEY
+        a,
+        layer="counts",
+        batch_key=SAMPLE_KEY,
+        morphology_key=morph,
+        neighbors_key=NEIGHBORS_KEY,
+        embedding_keys=embeddings or None,
     )
     model = HistoVI(a, **kwargs)
     train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
@@ -357,11 +383,14 @@ def method_names(ctx: Context | None = None) -> list[str]:
     return [*BASELINES, *variants]
 
 
-def resolve(name: str, ctx: Context) -> tuple[Callable[[AnnData, int, Context], np.ndarray], tuple[str, ...]]:
+def resolve(
+    name: str, ctx: Context
+) -> tuple[Callable[[AnnData, int, Context], np.ndarray], tuple[str, ...]]:
     """Function ``(adata, seed, ctx) -> embedding`` and required modules of a method."""
     if name in _BASELINE_FUNCS:
         return _BASELINE_FUNCS[name]
     if name in ctx.histovi_variants:
+
         def run(adata: AnnData, seed: int, c: Context) -> np.ndarray:
             return histovi_variant(adata, seed, c, name=name)
 

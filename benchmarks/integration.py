@@ -125,8 +125,10 @@ def run_method(
             wall = time.perf_counter() - t0
             X = np.asarray(X, dtype=np.float32)
             if X.ndim != 2 or X.shape[0] != adata.n_obs or not np.isfinite(X).all():
-                record.update(status="failed", error=f"bad embedding: shape {X.shape}, "
-                              f"finite={bool(np.isfinite(X).all())}")
+                record.update(
+                    status="failed",
+                    error=f"bad embedding: shape {X.shape}, finite={bool(np.isfinite(X).all())}",
+                )
                 break
             ctx.previous[(method, int(seed))] = X
             np.save(emb_dir / f"{_safe(method)}_seed{seed}.npy", X)
@@ -159,9 +161,7 @@ def _worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     _limit_threads(spec.get("threads"))
-    ctx = _methods.Context(
-        max_epochs=spec["max_epochs"], histovi_variants=spec["variants"]
-    )
+    ctx = _methods.Context(max_epochs=spec["max_epochs"], histovi_variants=spec["variants"])
     adata = ad.read_h5ad(spec["prepared"])
     emb_dir = Path(spec["emb_dir"])
     for dep in spec.get("previous", []):
@@ -174,13 +174,24 @@ def _worker(spec_path: str) -> None:
 
 
 def _run_isolated(
-    method: str, seeds: Sequence[int], prepared: Path, work: Path, max_epochs: int | None,
-    variants: dict, previous: list[str], threads: int | None = None,
+    method: str,
+    seeds: Sequence[int],
+    prepared: Path,
+    work: Path,
+    max_epochs: int | None,
+    variants: dict,
+    previous: list[str],
+    threads: int | None = None,
 ) -> dict[str, Any]:
     spec = {
-        "method": method, "seeds": [int(s) for s in seeds], "prepared": str(prepared),
-        "emb_dir": str(work / "embeddings"), "max_epochs": max_epochs, "variants": variants,
-        "previous": previous, "record": str(work / f"record_{_safe(method)}.json"),
+        "method": method,
+        "seeds": [int(s) for s in seeds],
+        "prepared": str(prepared),
+        "emb_dir": str(work / "embeddings"),
+        "max_epochs": max_epochs,
+        "variants": variants,
+        "previous": previous,
+        "record": str(work / f"record_{_safe(method)}.json"),
         "threads": threads,
     }
     spec_path = work / f"spec_{_safe(method)}.json"
@@ -189,13 +200,19 @@ def _run_isolated(
     with open(log, "w") as fh:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=str(work),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=str(work),
         )
     record_path = Path(spec["record"])
     if proc.returncode != 0 or not record_path.exists():
         tail = log.read_text()[-1500:]
-        return {"method": method, "status": "failed", "runs": [],
-                "error": f"worker exited with code {proc.returncode}; log tail:\n{tail}"}
+        return {
+            "method": method,
+            "status": "failed",
+            "runs": [],
+            "error": f"worker exited with code {proc.returncode}; log tail:\n{tail}",
+        }
     return json.loads(record_path.read_text())
 
 
@@ -208,7 +225,9 @@ def _labels_samples(adata) -> tuple[np.ndarray, np.ndarray]:
     return labels, samples
 
 
-def score_embedding(adata, X: np.ndarray, method: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_embedding(
+    adata, X: np.ndarray, method: str, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Protocol scores of one embedding: per-section ARI/NMI and scib-metrics scores."""
     import anndata as ad
 
@@ -219,11 +238,15 @@ def score_embedding(adata, X: np.ndarray, method: str, seed: int) -> tuple[pd.Da
         X, labels, samples, methods=CLUSTERINGS, seeds=[seed], ignore=_data.IGNORE_LABELS
     ).rename(columns={"method": "clustering"})
     per.insert(0, "embedding", method)
-    light = ad.AnnData(obs=adata.obs[[_data.SAMPLE_KEY, _data.LABEL_KEY]].copy(),
-                       shape=(adata.n_obs, 0))
+    light = ad.AnnData(
+        obs=adata.obs[[_data.SAMPLE_KEY, _data.LABEL_KEY]].copy(), shape=(adata.n_obs, 0)
+    )
     light.obsm["X"] = X
     integ = histovi.metrics.integration_scores(
-        light, "X", batch_key=_data.SAMPLE_KEY, label_key=_data.LABEL_KEY,
+        light,
+        "X",
+        batch_key=_data.SAMPLE_KEY,
+        label_key=_data.LABEL_KEY,
         ignore=_data.IGNORE_LABELS,
     )
     integ.insert(0, "seed", seed)
@@ -252,8 +275,15 @@ def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[s
                 if (labels[sel] == a).sum() >= 5 and (labels[sel] == b).sum() >= 5:
                     scores.append(adjusted_rand_score(labels[sel], clusters[sel]))
             if scores:
-                rows.append({"embedding": method, "seed": seed, "clustering": clustering,
-                             "pair": pair_name, "pair_ARI": float(np.mean(scores))})
+                rows.append(
+                    {
+                        "embedding": method,
+                        "seed": seed,
+                        "clustering": clustering,
+                        "pair": pair_name,
+                        "pair_ARI": float(np.mean(scores)),
+                    }
+                )
     return rows
 
 
@@ -263,7 +293,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize_all(
-    per: pd.DataFrame, integ: pd.DataFrame, records: dict[str, dict], methods: Sequence[str],
+    per: pd.DataFrame,
+    integ: pd.DataFrame,
+    records: dict[str, dict],
+    methods: Sequence[str],
     pairs: pd.DataFrame | None,
 ) -> pd.DataFrame:
     """One row per method: ARI / NMI (mean over GMM and k-means, then mean ± sd over seeds),
@@ -282,7 +315,10 @@ def summarize_all(
         both = histovi.metrics.summarize(p.drop(columns=["clustering"]))
         row["n_seeds"] = int(both["n_seeds"].iloc[0])
         for m in ("ARI", "NMI"):
-            row[m], row[f"{m}_sd"] = float(both[f"{m}_mean"].iloc[0]), float(both[f"{m}_std"].iloc[0])
+            row[m], row[f"{m}_sd"] = (
+                float(both[f"{m}_mean"].iloc[0]),
+                float(both[f"{m}_std"].iloc[0]),
+            )
         by = histovi.metrics.summarize(p)
         for _, r in by.iterrows():
             row[f"ARI_{r['clustering']}"] = float(r["ARI_mean"])
@@ -307,11 +343,15 @@ def summarize_all(
         rows.append(row)
     table = pd.DataFrame(rows)
     for ref in REFERENCES:
-        ref_ari = table.loc[(table["method"] == ref) & (table["status"] == "ok"), "ARI"] \
-            if "ARI" in table else pd.Series(dtype=float)
+        ref_ari = (
+            table.loc[(table["method"] == ref) & (table["status"] == "ok"), "ARI"]
+            if "ARI" in table
+            else pd.Series(dtype=float)
+        )
         col = f"ARI/{ref}"
-        table[col] = table["ARI"] / float(ref_ari.iloc[0]) if len(ref_ari) and "ARI" in table \
-            else np.nan
+        table[col] = (
+            table["ARI"] / float(ref_ari.iloc[0]) if len(ref_ari) and "ARI" in table else np.nan
+        )
     return table
 
 
@@ -334,41 +374,79 @@ def markdown_table(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) -
         v = r.get(k, np.nan)
         return v if not (isinstance(v, float) and np.isnan(v)) else None
 
-    head = ["method", "ARI", "ARI GMM", "ARI k-means", "NMI", "batch", "bio", "wall s",
-            "peak MB", "epochs", "ARI/Harmony", "ARI/scVI"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]
+    head = [
+        "method",
+        "ARI",
+        "ARI GMM",
+        "ARI k-means",
+        "NMI",
+        "batch",
+        "bio",
+        "wall s",
+        "peak MB",
+        "epochs",
+        "ARI/Harmony",
+        "ARI/scVI",
+    ]
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     for _, r in table.iterrows():
         if r["status"] != "ok":
-            cells = [r["method"], f"{r['status']}: {r.get('note', '')}"[:160]] + [""] * (len(head) - 2)
+            cells = [r["method"], f"{r['status']}: {r.get('note', '')}"[:160]] + [""] * (
+                len(head) - 2
+            )
         else:
             cells = [
-                r["method"], _fmt(get(r, "ARI"), get(r, "ARI_sd")), _fmt(get(r, "ARI_gmm")),
-                _fmt(get(r, "ARI_kmeans")), _fmt(get(r, "NMI"), get(r, "NMI_sd")),
-                _fmt(get(r, "batch")), _fmt(get(r, "bio")),
-                _fmt(get(r, "wall_s"), None, 1), _fmt(get(r, "peak_mb"), None, 0),
-                str(r.get("epochs", "") or ""), _fmt(get(r, "ARI/Harmony"), None, 2),
+                r["method"],
+                _fmt(get(r, "ARI"), get(r, "ARI_sd")),
+                _fmt(get(r, "ARI_gmm")),
+                _fmt(get(r, "ARI_kmeans")),
+                _fmt(get(r, "NMI"), get(r, "NMI_sd")),
+                _fmt(get(r, "batch")),
+                _fmt(get(r, "bio")),
+                _fmt(get(r, "wall_s"), None, 1),
+                _fmt(get(r, "peak_mb"), None, 0),
+                str(r.get("epochs", "") or ""),
+                _fmt(get(r, "ARI/Harmony"), None, 2),
                 _fmt(get(r, "ARI/scVI"), None, 2),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     ok = table[table["status"] == "ok"]
     if len(ok):
         metrics = [m for m, _ in INTEGRATION_METRICS]
-        lines += ["", "scib-metrics on labelled spots (mean over seeds):", "",
-                  "| method | " + " | ".join(metrics) + " |",
-                  "|---|" + "|".join("---" for _ in metrics) + "|"]
+        lines += [
+            "",
+            "scib-metrics on labelled spots (mean over seeds):",
+            "",
+            "| method | " + " | ".join(metrics) + " |",
+            "|---|" + "|".join("---" for _ in metrics) + "|",
+        ]
         for _, r in ok.iterrows():
-            lines.append("| " + r["method"] + " | "
-                         + " | ".join(_fmt(get(r, m)) for m in metrics) + " |")
+            lines.append(
+                "| " + r["method"] + " | " + " | ".join(_fmt(get(r, m)) for m in metrics) + " |"
+            )
         pair_cols = [c for c in table.columns if c.startswith("pair: ")]
         if pair_cols:
-            lines += ["", "Separation of domain pairs that one view alone separates (ARI on the "
-                      "pair's spots, mean over sections, clusterings and seeds):", "",
-                      "| method | " + " | ".join(c[6:] for c in pair_cols) + " |",
-                      "|---|" + "|".join("---" for _ in pair_cols) + "|"]
+            lines += [
+                "",
+                "Separation of domain pairs that one view alone separates (ARI on the "
+                "pair's spots, mean over sections, clusterings and seeds):",
+                "",
+                "| method | " + " | ".join(c[6:] for c in pair_cols) + " |",
+                "|---|" + "|".join("---" for _ in pair_cols) + "|",
+            ]
             for _, r in ok.iterrows():
-                lines.append("| " + r["method"] + " | "
-                             + " | ".join(_fmt(get(r, c)) for c in pair_cols) + " |")
+                lines.append(
+                    "| "
+                    + r["method"]
+                    + " | "
+                    + " | ".join(_fmt(get(r, c)) for c in pair_cols)
+                    + " |"
+                )
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -381,8 +459,9 @@ def _relabel(clusters: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.n
 
     cl = np.unique(clusters)
     lab = np.unique(labels[mask].astype(str))
-    overlap = np.array([[np.sum(mask & (clusters == c) & (labels.astype(str) == lb)) for lb in lab]
-                        for c in cl])
+    overlap = np.array(
+        [[np.sum(mask & (clusters == c) & (labels.astype(str) == lb)) for lb in lab] for c in cl]
+    )
     rows, cols = linear_sum_assignment(-overlap)
     names = {c: f"cluster {c}" for c in cl}
     for r, c in zip(rows, cols, strict=True):
@@ -392,8 +471,12 @@ def _relabel(clusters: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.n
 
 
 def figures(
-    adata, per: pd.DataFrame, embeddings: dict[tuple[str, int], np.ndarray], out: Path,
-    methods: Sequence[str], data_name: str,
+    adata,
+    per: pd.DataFrame,
+    embeddings: dict[tuple[str, int], np.ndarray],
+    out: Path,
+    methods: Sequence[str],
+    data_name: str,
 ) -> list[str]:
     """Scores bar plots and the domain maps of each method's best seed."""
     import matplotlib
@@ -406,9 +489,14 @@ def figures(
 
     written = []
     for metric in ("ARI", "NMI"):
-        fig = histovi.pl.scores(per, metric=metric, x="embedding", hue="clustering",
-                                title=f"{data_name}: per-section {metric}",
-                                save=out / f"scores_{metric}.png")
+        fig = histovi.pl.scores(
+            per,
+            metric=metric,
+            x="embedding",
+            hue="clustering",
+            title=f"{data_name}: per-section {metric}",
+            save=out / f"scores_{metric}.png",
+        )
         plt.close(fig)
         written.append(f"scores_{metric}.png")
     labels, samples = _labels_samples(adata)
@@ -424,8 +512,14 @@ def figures(
     gt[~mask] = "NA"
     view.obs["domain"] = pd.Categorical(gt.astype(str))
     img_root = _data.her2st_dir() if data_name == "her2st" else None
-    fig = histovi.pl.domains(view, color="domain", samples=shown, img_root=img_root,
-                             title=f"{data_name}: ground truth", save=out / "domains_truth.png")
+    fig = histovi.pl.domains(
+        view,
+        color="domain",
+        samples=shown,
+        img_root=img_root,
+        title=f"{data_name}: ground truth",
+        save=out / "domains_truth.png",
+    )
     plt.close(fig)
     written.append("domains_truth.png")
     for method in methods:
@@ -433,13 +527,19 @@ def figures(
         if p.empty:
             continue
         best = int(p.groupby("seed")["ARI"].mean().idxmax())
-        clusters = histovi.tl.cluster_embedding(embeddings[(method, best)], k, "gmm",
-                                                random_state=best)
+        clusters = histovi.tl.cluster_embedding(
+            embeddings[(method, best)], k, "gmm", random_state=best
+        )
         view.obs["domain"] = pd.Categorical(_relabel(clusters, labels, mask))
         name = f"domains_{_safe(method)}.png"
-        fig = histovi.pl.domains(view, color="domain", samples=shown, img_root=img_root,
-                                 title=f"{data_name}: {method}, GMM, seed {best}",
-                                 save=out / name)
+        fig = histovi.pl.domains(
+            view,
+            color="domain",
+            samples=shown,
+            img_root=img_root,
+            title=f"{data_name}: {method}, GMM, seed {best}",
+            save=out / name,
+        )
         plt.close(fig)
         written.append(name)
     return written
@@ -509,9 +609,12 @@ def run_benchmark(
 
     t0 = time.perf_counter()
     adata = _data.load(data, cache_dir=cache)
-    print(f"[data] {data}: {adata.n_obs} spots x {adata.n_vars} genes, "
-          f"{adata.obs[_data.SAMPLE_KEY].nunique()} sections, morphology: "
-          f"{adata.uns['benchmark']['morphology']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"[data] {data}: {adata.n_obs} spots x {adata.n_vars} genes, "
+        f"{adata.obs[_data.SAMPLE_KEY].nunique()} sections, morphology: "
+        f"{adata.uns['benchmark']['morphology']} ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     prepared = work / "prepared.h5ad"
     if not in_process:
         adata.write_h5ad(prepared)
@@ -523,14 +626,22 @@ def run_benchmark(
     for method in methods:
         reason = _methods.unavailable_reason(method, ctx)
         if reason:
-            records[method] = {"method": method, "status": "unavailable", "error": reason,
-                               "runs": []}
+            records[method] = {
+                "method": method,
+                "status": "unavailable",
+                "error": reason,
+                "runs": [],
+            }
             print(f"[{method}] unavailable: {reason}", flush=True)
             continue
         t = time.perf_counter()
-        key = {"seeds": [int(x) for x in seeds], "max_epochs": max_epochs,
-               "variant": variants.get(method), "n_obs": int(adata.n_obs),
-               "n_vars": int(adata.n_vars)}
+        key = {
+            "seeds": [int(x) for x in seeds],
+            "max_epochs": max_epochs,
+            "variant": variants.get(method),
+            "n_obs": int(adata.n_obs),
+            "n_vars": int(adata.n_vars),
+        }
         old_path = work / f"record_{_safe(method)}.json"
         old = json.loads(old_path.read_text()) if reuse and old_path.exists() else None
         if old is not None and old.get("status") == "ok" and old.get("key") == key:
@@ -543,9 +654,16 @@ def run_benchmark(
         if in_process:
             rec = run_method(adata, method, seeds, ctx, work / "embeddings")
         else:
-            rec = _run_isolated(method, seeds, prepared, work, max_epochs, variants,
-                                previous=["scVI"] if method == "scVI+agg" else [],
-                                threads=threads)
+            rec = _run_isolated(
+                method,
+                seeds,
+                prepared,
+                work,
+                max_epochs,
+                variants,
+                previous=["scVI"] if method == "scVI+agg" else [],
+                threads=threads,
+            )
         if method == "scVI+agg" and "scVI" in records and records["scVI"]["status"] == "ok":
             # the CellCharter latent is scVI's plus aggregation: charge scVI's cost to it too
             scvi_runs = {r["seed"]: r for r in records["scVI"]["runs"]}
@@ -561,7 +679,9 @@ def run_benchmark(
         for r in rec["runs"]:
             path = work / "embeddings" / f"{_safe(method)}_seed{r['seed']}.npy"
             embeddings[(method, r["seed"])] = np.load(path)
-        status = rec["status"] + (f" ({rec.get('error', '')[:300]})" if rec["status"] != "ok" else "")
+        status = rec["status"] + (
+            f" ({rec.get('error', '')[:300]})" if rec["status"] != "ok" else ""
+        )
         print(f"[{method}] {status}; {time.perf_counter() - t:.0f} s", flush=True)
 
     per_parts, integ_parts, pair_rows = [], [], []
@@ -572,10 +692,18 @@ def run_benchmark(
         integ_parts.append(integ)
         if is_sim:
             pair_rows += pair_separation(adata, X, method, seed)
-    per = pd.concat(per_parts, ignore_index=True) if per_parts else pd.DataFrame(
-        columns=["embedding", "clustering", "seed", "sample", "n_spots", "ARI", "NMI"])
-    integ = pd.concat(integ_parts, ignore_index=True) if integ_parts else pd.DataFrame(
-        columns=["embedding", "seed", "metric", "kind", "value"])
+    per = (
+        pd.concat(per_parts, ignore_index=True)
+        if per_parts
+        else pd.DataFrame(
+            columns=["embedding", "clustering", "seed", "sample", "n_spots", "ARI", "NMI"]
+        )
+    )
+    integ = (
+        pd.concat(integ_parts, ignore_index=True)
+        if integ_parts
+        else pd.DataFrame(columns=["embedding", "seed", "metric", "kind", "value"])
+    )
     pairs = pd.DataFrame(pair_rows) if pair_rows else None
     table = summarize_all(per, integ, records, methods, pairs)
 
@@ -589,10 +717,18 @@ def run_benchmark(
         "graph_connectivity) and bio (cLISI, silhouette_label) scores on labelled spots.",
         "wall s: per seed (median over seeds: the first seed also pays one-off warm-up); "
         "peak MB: peak RSS above the loaded data, one process per method"
-        + (" (some methods ran in-process: their sampler-only peaks are biased low)"
-           if any(r.get("in_process") for r in records.values()) else "") + ".",
-        "max_epochs: " + (str(max_epochs) + " for every neural method" if max_epochs else
-                          "HistoVI's rule (scVI the same), AESTETIK's own default (100)"),
+        + (
+            " (some methods ran in-process: their sampler-only peaks are biased low)"
+            if any(r.get("in_process") for r in records.values())
+            else ""
+        )
+        + ".",
+        "max_epochs: "
+        + (
+            str(max_epochs) + " for every neural method"
+            if max_epochs
+            else "HistoVI's rule (scVI the same), AESTETIK's own default (100)"
+        ),
     ]
     for m in methods:
         rec = records[m]
@@ -607,14 +743,24 @@ def run_benchmark(
     per.to_csv(out_dir / "per_section.csv", index=False)
     written = []
     if make_figures and not per.empty:
-        written = figures(adata, per, embeddings, out_dir, [m for m in methods
-                                                             if records[m]["status"] == "ok"],
-                          data)
+        written = figures(
+            adata,
+            per,
+            embeddings,
+            out_dir,
+            [m for m in methods if records[m]["status"] == "ok"],
+            data,
+        )
     result = {
         "data": data,
-        "config": {"methods": list(methods), "seeds": [int(s) for s in seeds],
-                   "max_epochs": max_epochs, "in_process": in_process,
-                   "histovi_variants": variants, **adata.uns["benchmark"]},
+        "config": {
+            "methods": list(methods),
+            "seeds": [int(s) for s in seeds],
+            "max_epochs": max_epochs,
+            "in_process": in_process,
+            "histovi_variants": variants,
+            **adata.uns["benchmark"],
+        },
         "table": json.loads(table.to_json(orient="records")),
         "per_section": json.loads(per.to_json(orient="records")),
         "integration": json.loads(integ.to_json(orient="records")),
@@ -640,8 +786,7 @@ def rebuild_report(out_dir: str | os.PathLike) -> str:
     table = summarize_all(per, integ, res["records"], methods, pairs)
     old = (Path(out_dir) / "table.md").read_text().split("\n- ", 1)
     notes = ("- " + old[1]).rstrip("\n").split("\n") if len(old) > 1 else []
-    md = markdown_table(table, f"{res['data']} — integration benchmark",
-                        [n[2:] for n in notes])
+    md = markdown_table(table, f"{res['data']} — integration benchmark", [n[2:] for n in notes])
     (Path(out_dir) / "table.md").write_text(md)
     return md
 
@@ -664,24 +809,46 @@ def _parse_variant(text: str) -> tuple[str, dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="sim", choices=_data.SCENARIOS)
-    parser.add_argument("--methods", nargs="+", default=["all"],
-                        help="method names, or 'all' / 'baselines' / 'histovi'; known: "
-                        + ", ".join(_methods.method_names()))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["all"],
+        help="method names, or 'all' / 'baselines' / 'histovi'; known: "
+        + ", ".join(_methods.method_names()),
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results/integration")
-    parser.add_argument("--max-epochs", type=int, default=None,
-                        help="epochs of every neural method (default: the model's rule)")
-    parser.add_argument("--histovi-variant", action="append", type=_parse_variant, default=[],
-                        metavar="NAME=JSON", help="extra HistoVI variant (model kwargs)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run methods in this process (no per-method memory isolation)")
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="epochs of every neural method (default: the model's rule)",
+    )
+    parser.add_argument(
+        "--histovi-variant",
+        action="append",
+        type=_parse_variant,
+        default=[],
+        metavar="NAME=JSON",
+        help="extra HistoVI variant (model kwargs)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run methods in this process (no per-method memory isolation)",
+    )
     parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per method (0: torch's default)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse finished methods of an earlier run in the same --out")
-    parser.add_argument("--rebuild-report", metavar="DIR",
-                        help="only rewrite DIR/table.md from DIR/results.json")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per method (0: torch's default)"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished methods of an earlier run in the same --out",
+    )
+    parser.add_argument(
+        "--rebuild-report", metavar="DIR", help="only rewrite DIR/table.md from DIR/results.json"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -693,15 +860,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = dict(_methods.HISTOVI_VARIANTS)
     variants.update(dict(args.histovi_variant))
     ctx = _methods.Context(histovi_variants=variants)
-    groups = {"all": _methods.method_names(ctx), "baselines": list(_methods.BASELINES),
-              "histovi": list(variants)}
+    groups = {
+        "all": _methods.method_names(ctx),
+        "baselines": list(_methods.BASELINES),
+        "histovi": list(variants),
+    }
     methods: list[str] = []
     for m in args.methods:
         methods += groups.get(m, [m])
-    run_benchmark(args.data, methods, args.seeds, args.out, max_epochs=args.max_epochs,
-                  in_process=args.in_process, histovi_variants=variants,
-                  make_figures=not args.no_figures, threads=args.threads or None,
-                  reuse=args.reuse)
+    run_benchmark(
+        args.data,
+        methods,
+        args.seeds,
+        args.out,
+        max_epochs=args.max_epochs,
+        in_process=args.in_process,
+        histovi_variants=variants,
+        make_figures=not args.no_figures,
+        threads=args.threads or None,
+        reuse=args.reuse,
+    )
     return 0
 
 

@@ -64,8 +64,13 @@ def write_large_tiff(path: Path, size: int, tile: int = 512, seed: int = 0) -> N
                 yield np.repeat(np.repeat(t, 4, 0), 4, 1)
 
     tifffile.imwrite(
-        path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
-        photometric="rgb", compression="jpeg",
+        path,
+        tiles(),
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
     )
 
 
@@ -79,7 +84,10 @@ def make_adata(image: Path, size: int, n_spots: int, seed: int = 0):
     adata.obs["sample"] = "big"
     adata.obsm["spatial"] = xy  # full-res px of the TIFF
     adata.uns["spatial"] = {
-        "big": {"image_file": str(image), "scalefactors": {"tissue_hires_scalef": 1.0, "um_per_px_fullres": 0.5}}
+        "big": {
+            "image_file": str(image),
+            "scalefactors": {"tissue_hires_scalef": 1.0, "um_per_px_fullres": 0.5},
+        }
     }
     return adata
 
@@ -98,32 +106,41 @@ def _run(queue, image, size, n_spots, encoder, device, batch_size, num_workers):
     tracemalloc.start()
     t0 = time.perf_counter()
     histovi.pp.embed_morphology(
-        adata, encoder, device=device, batch_size=batch_size, num_workers=num_workers,
-        progress=False, **kw,
+        adata,
+        encoder,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=False,
+        **kw,
     )
     dt = time.perf_counter() - t0
     _, peak_py = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rec = adata.uns["histovi"]["morphology"]
-    queue.put({
-        "encoder": encoder,
-        "device": str(device),
-        "n_tiles": n_spots,
-        "n_valid": int(adata.obs["morphology_valid"].sum()),
-        "tile_px": int(rec["tile_px"]),
-        "target_mpp": float(rec["target_mpp"]),
-        "seconds": dt,
-        "tiles_per_s": n_spots / dt,
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "tracemalloc_peak_mb": peak_py / 2**20,
-    })
+    queue.put(
+        {
+            "encoder": encoder,
+            "device": str(device),
+            "n_tiles": n_spots,
+            "n_valid": int(adata.obs["morphology_valid"].sum()),
+            "tile_px": int(rec["tile_px"]),
+            "target_mpp": float(rec["target_mpp"]),
+            "seconds": dt,
+            "tiles_per_s": n_spots / dt,
+            "rss_before_mb": rss_before,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tracemalloc_peak_mb": peak_py / 2**20,
+        }
+    )
 
 
 def measure(image, size, n_spots, encoder, device, batch_size=32, num_workers=0) -> dict:
     ctx = mp.get_context("spawn")  # a fresh process: its peak RSS is this run's alone
     q = ctx.Queue()
-    p = ctx.Process(target=_run, args=(q, str(image), size, n_spots, encoder, device, batch_size, num_workers))
+    p = ctx.Process(
+        target=_run, args=(q, str(image), size, n_spots, encoder, device, batch_size, num_workers)
+    )
     p.start()
     out = q.get()
     p.join()
@@ -137,8 +154,14 @@ def simulator_ari(seed: int = 0) -> dict:
     import histovi
 
     adata = histovi.datasets.simulate(
-        n_patients=2, n_sections_per_patient=2, grid_size=(16, 16), n_genes=150, n_markers=10,
-        with_images=True, sections_without_image=0, seed=seed,
+        n_patients=2,
+        n_sections_per_patient=2,
+        grid_size=(16, 16),
+        n_genes=150,
+        n_markers=10,
+        with_images=True,
+        sections_without_image=0,
+        seed=seed,
     )
     t0 = time.perf_counter()
     histovi.pp.embed_morphology(adata, "stain-texture", progress=False)
@@ -148,17 +171,26 @@ def simulator_ari(seed: int = 0) -> dict:
     z = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     dom = adata.obs["domain"].to_numpy()[valid]
     k = len(np.unique(dom))
-    aris = [adjusted_rand_score(dom, KMeans(k, n_init=10, random_state=s).fit_predict(z)) for s in range(3)]
+    aris = [
+        adjusted_rand_score(dom, KMeans(k, n_init=10, random_state=s).fit_predict(z))
+        for s in range(3)
+    ]
     per_section = {}
     samples = adata.obs["sample"].to_numpy()[valid]
     for s in np.unique(samples):
         m = samples == s
         ks = len(np.unique(dom[m]))
-        per_section[str(s)] = adjusted_rand_score(dom[m], KMeans(ks, n_init=10, random_state=0).fit_predict(z[m]))
+        per_section[str(s)] = adjusted_rand_score(
+            dom[m], KMeans(ks, n_init=10, random_state=0).fit_predict(z[m])
+        )
     return {
-        "n_spots": int(adata.n_obs), "n_valid": int(valid.sum()), "n_domains": int(k),
-        "ari_pooled_mean": float(np.mean(aris)), "ari_pooled_sd": float(np.std(aris)),
-        "ari_per_section": per_section, "embed_seconds": dt,
+        "n_spots": int(adata.n_obs),
+        "n_valid": int(valid.sum()),
+        "n_domains": int(k),
+        "ari_pooled_mean": float(np.mean(aris)),
+        "ari_pooled_sd": float(np.std(aris)),
+        "ari_per_section": per_section,
+        "embed_seconds": dt,
     }
 
 
@@ -188,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--skip-ari", action="store_true")
     ap.add_argument(
-        "--skip-throughput", action="store_true",
+        "--skip-throughput",
+        action="store_true",
         help="keep the throughput runs of the previous results JSON (rerun only the ARI part)",
     )
     args = ap.parse_args(argv)

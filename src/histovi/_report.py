@@ -70,17 +70,31 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def _frame(df: pd.DataFrame) -> str:
     rows = [[None if pd.isna(v) else v for v in r] for r in df.itertuples(index=False)]
-    rows = [["–" if v is None else (float(v) if hasattr(v, "dtype") and v.dtype.kind == "f"
-             else int(v) if hasattr(v, "dtype") and v.dtype.kind in "iu" else v) for v in r]
-            for r in rows]
+    rows = [
+        [
+            "–"
+            if v is None
+            else (
+                float(v)
+                if hasattr(v, "dtype") and v.dtype.kind == "f"
+                else int(v)
+                if hasattr(v, "dtype") and v.dtype.kind in "iu"
+                else v
+            )
+            for v in r
+        ]
+        for r in rows
+    ]
     return _table(rows, list(df.columns))
 
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     caption = html.escape(_CAPTIONS.get(path.name, path.stem))
-    return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def write_report(
@@ -119,9 +133,14 @@ def write_report(
 
     path = Path(path)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    cards = [("spots", summary["n_spots"]), ("samples", summary["n_samples"]),
-             ("domains", summary["n_domains"])]
-    cards += [(k.replace("_mean", ""), scalars[k]) for k in ("ARI_mean", "NMI_mean") if k in scalars]
+    cards = [
+        ("spots", summary["n_spots"]),
+        ("samples", summary["n_samples"]),
+        ("domains", summary["n_domains"]),
+    ]
+    cards += [
+        (k.replace("_mean", ""), scalars[k]) for k in ("ARI_mean", "NMI_mean") if k in scalars
+    ]
     cards.append(("spatial coherence", scalars["spatial_coherence"]))
     card_html = "".join(
         f'<div class="card"><div class="v">{_fmt(v)[0]}</div><div class="k">{html.escape(k)}</div></div>'
@@ -151,8 +170,11 @@ def write_report(
     ]
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<title>histovi report</title><style>" + _CSS + "</style></head><body>"
-        + "\n".join(body) + "</body></html>"
+        "<title>histovi report</title><style>"
+        + _CSS
+        + "</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
     )
     path.write_text(page, encoding="utf-8")
     return path

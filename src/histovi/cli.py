@@ -102,55 +102,117 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
-        "--input", "-i", metavar="PATH",
+        "--input",
+        "-i",
+        metavar="PATH",
         help=".h5ad file, SpatialData .zarr store, or folder with one .h5ad and its images "
         "(default: the built-in simulated study)",
     )
-    run.add_argument("--out", "-o", default="histovi_out", metavar="DIR",
-                     help="output folder, created if needed (default: %(default)s)")
-    run.add_argument("--sample-key", default="sample", metavar="COL",
-                     help="obs column of the section / sample id; the unit whose effect is "
-                     "removed (default: %(default)s)")
-    run.add_argument("--layer", default=None, metavar="NAME",
-                     help="layer with raw integer counts (default: layers['counts'] if present, "
-                     "else X)")
-    run.add_argument("--label-key", default=None, metavar="COL",
-                     help="obs column of ground-truth labels used for scores and the number of "
-                     "domains (default: 'label' or 'domain' if present; 'none' to ignore labels)")
-    run.add_argument("--n-domains", type=int, default=None, metavar="K",
-                     help="number of domains (default: number of label classes; without labels "
-                     "Leiden clustering chooses)")
-    run.add_argument("--encoder", default="stain-texture", metavar="NAME",
-                     help="morphology encoder for the H&E tiles: 'stain-texture' (built-in, no "
-                     "weights), a timm name ('resnet50'), 'hf-hub:org/model', a weights file; "
-                     "'precomputed' to use obsm['X_morphology'] as it is; 'none' to train "
-                     "without morphology (default: %(default)s)")
-    run.add_argument("--max-epochs", type=int, default=None, metavar="N",
-                     help=f"training epochs (default: {DEFAULT_MAX_EPOCHS} on the simulated "
-                     "study, the model's size-based rule on --input data)")
-    run.add_argument("--n-top-genes", type=int, default=2000, metavar="N",
-                     help="highly variable genes kept (scanpy seurat_v3) when the data has more "
-                     "genes (default: %(default)s; 0 keeps all genes)")
-    run.add_argument("--samples", nargs="+", default=None, metavar="ID",
-                     help="only these values of --sample-key (e.g. --samples A1 B1 C1 D1)")
-    run.add_argument("--spatial-smoothing", type=int, default=0, metavar="N",
-                     help="majority-vote rounds of each domain label with its spatial "
-                     "neighbours (default: %(default)s)")
-    run.add_argument("--accelerator", default="auto", metavar="NAME",
-                     help="Lightning accelerator for training and embedding: auto, cpu, gpu "
-                     "(default: %(default)s)")
+    run.add_argument(
+        "--out",
+        "-o",
+        default="histovi_out",
+        metavar="DIR",
+        help="output folder, created if needed (default: %(default)s)",
+    )
+    run.add_argument(
+        "--sample-key",
+        default="sample",
+        metavar="COL",
+        help="obs column of the section / sample id; the unit whose effect is "
+        "removed (default: %(default)s)",
+    )
+    run.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME",
+        help="layer with raw integer counts (default: layers['counts'] if present, else X)",
+    )
+    run.add_argument(
+        "--label-key",
+        default=None,
+        metavar="COL",
+        help="obs column of ground-truth labels used for scores and the number of "
+        "domains (default: 'label' or 'domain' if present; 'none' to ignore labels)",
+    )
+    run.add_argument(
+        "--n-domains",
+        type=int,
+        default=None,
+        metavar="K",
+        help="number of domains (default: number of label classes; without labels "
+        "Leiden clustering chooses)",
+    )
+    run.add_argument(
+        "--encoder",
+        default="stain-texture",
+        metavar="NAME",
+        help="morphology encoder for the H&E tiles: 'stain-texture' (built-in, no "
+        "weights), a timm name ('resnet50'), 'hf-hub:org/model', a weights file; "
+        "'precomputed' to use obsm['X_morphology'] as it is; 'none' to train "
+        "without morphology (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"training epochs (default: {DEFAULT_MAX_EPOCHS} on the simulated "
+        "study, the model's size-based rule on --input data)",
+    )
+    run.add_argument(
+        "--n-top-genes",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="highly variable genes kept (scanpy seurat_v3) when the data has more "
+        "genes (default: %(default)s; 0 keeps all genes)",
+    )
+    run.add_argument(
+        "--samples",
+        nargs="+",
+        default=None,
+        metavar="ID",
+        help="only these values of --sample-key (e.g. --samples A1 B1 C1 D1)",
+    )
+    run.add_argument(
+        "--spatial-smoothing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="majority-vote rounds of each domain label with its spatial "
+        "neighbours (default: %(default)s)",
+    )
+    run.add_argument(
+        "--accelerator",
+        default="auto",
+        metavar="NAME",
+        help="Lightning accelerator for training and embedding: auto, cpu, gpu "
+        "(default: %(default)s)",
+    )
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    run.add_argument("--quiet", "-q", action="store_true",
-                     help="no progress messages; only the final summary and errors")
+    run.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress messages; only the final summary and errors",
+    )
     # Advanced: size of the simulated study (used by the tests to keep runs short).
-    run.add_argument("--sim-grid", type=int, default=DEFAULT_SIM["grid_size"],
-                     help=argparse.SUPPRESS)
-    run.add_argument("--sim-patients", type=int, default=DEFAULT_SIM["n_patients"],
-                     help=argparse.SUPPRESS)
-    run.add_argument("--sim-sections", type=int, default=DEFAULT_SIM["n_sections_per_patient"],
-                     help=argparse.SUPPRESS)
-    run.add_argument("--sim-genes", type=int, default=DEFAULT_SIM["n_genes"],
-                     help=argparse.SUPPRESS)
+    run.add_argument(
+        "--sim-grid", type=int, default=DEFAULT_SIM["grid_size"], help=argparse.SUPPRESS
+    )
+    run.add_argument(
+        "--sim-patients", type=int, default=DEFAULT_SIM["n_patients"], help=argparse.SUPPRESS
+    )
+    run.add_argument(
+        "--sim-sections",
+        type=int,
+        default=DEFAULT_SIM["n_sections_per_patient"],
+        help=argparse.SUPPRESS,
+    )
+    run.add_argument(
+        "--sim-genes", type=int, default=DEFAULT_SIM["n_genes"], help=argparse.SUPPRESS
+    )
     run.set_defaults(func=cmd_run)
     return parser
 
@@ -197,8 +259,15 @@ def _as_input_error(what: str):
 def _quiet_libraries(quiet: bool):
     """Keep the console readable: the numbered steps replace the libraries' INFO lines and
     Lightning banners; warnings are silenced; with ``--quiet`` progress bars go too."""
-    names = ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric", "scvi",
-             "squidpy", "histovi")
+    names = (
+        "lightning",
+        "lightning.pytorch",
+        "pytorch_lightning",
+        "lightning.fabric",
+        "scvi",
+        "squidpy",
+        "histovi",
+    )
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR if quiet else logging.WARNING)
@@ -239,13 +308,17 @@ def load_input(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         }
         adata = datasets.simulate(**sim)
         sim["grid_size"] = list(sim["grid_size"])
-        return adata, {"input": "built-in simulated study (histovi.datasets.simulate)", **{
-            f"simulate.{k}": v for k, v in sim.items()}}
+        return adata, {
+            "input": "built-in simulated study (histovi.datasets.simulate)",
+            **{f"simulate.{k}": v for k, v in sim.items()},
+        }
 
     path = Path(args.input).expanduser()
     if not path.exists():
-        raise InputError(f"--input {str(path)!r} does not exist: give a .h5ad file, a "
-                         "SpatialData .zarr store or a folder with one .h5ad and its images")
+        raise InputError(
+            f"--input {str(path)!r} does not exist: give a .h5ad file, a "
+            "SpatialData .zarr store or a folder with one .h5ad and its images"
+        )
     with _as_input_error(f"cannot read --input {str(path)!r}"):
         if path.suffix == ".zarr" or (path.is_dir() and (path / "zmetadata").exists()):
             import spatialdata
@@ -259,8 +332,10 @@ def load_input(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             adata = ad.read_h5ad(path)
             kind = ".h5ad file"
         else:
-            raise InputError(f"--input {str(path)!r}: unknown format {path.suffix!r}; give a "
-                             ".h5ad file, a SpatialData .zarr store or a folder")
+            raise InputError(
+                f"--input {str(path)!r}: unknown format {path.suffix!r}; give a "
+                ".h5ad file, a SpatialData .zarr store or a folder"
+            )
     return adata, {"input": str(path.resolve()), "input format": kind}
 
 
@@ -289,8 +364,10 @@ def check_input(adata: Any, args: argparse.Namespace) -> tuple[Any, str | None, 
         adata = adata[adata.obs[key].isin(args.samples).to_numpy()].copy()
         adata.obs[key] = adata.obs[key].cat.remove_unused_categories()
     if "spatial" not in adata.obsm:
-        raise InputError("adata.obsm['spatial'] (spot centres) not found: store the spot "
-                         "coordinates there (scanpy / squidpy convention)")
+        raise InputError(
+            "adata.obsm['spatial'] (spot centres) not found: store the spot "
+            "coordinates there (scanpy / squidpy convention)"
+        )
 
     layer = args.layer
     if layer is None and "counts" in adata.layers:
@@ -335,7 +412,11 @@ def select_genes(adata: Any, layer: str | None, n_top: int, sample_key: str) -> 
         # Per-sample HVG ranks favour genes variable within sections over genes that only
         # differ between them (the batch effect), as recommended for integration.
         hvg = sc.pp.highly_variable_genes(
-            adata, flavor="seurat_v3", n_top_genes=n_top, layer=layer, batch_key=sample_key,
+            adata,
+            flavor="seurat_v3",
+            n_top_genes=n_top,
+            layer=layer,
+            batch_key=sample_key,
             inplace=False,
         )
         how = f"{n_top} of {adata.n_vars} genes (seurat_v3, per {sample_key})"
@@ -350,7 +431,9 @@ def select_genes(adata: Any, layer: str | None, n_top: int, sample_key: str) -> 
 
 def _has_images(adata: Any) -> bool:
     spatial = adata.uns.get("spatial", {}) or {}
-    return any(isinstance(e, dict) and ("images" in e or "image_file" in e) for e in spatial.values())
+    return any(
+        isinstance(e, dict) and ("images" in e or "image_file" in e) for e in spatial.values()
+    )
 
 
 def morphology(adata: Any, args: argparse.Namespace) -> str:
@@ -375,8 +458,13 @@ def morphology(adata: Any, args: argparse.Namespace) -> str:
     device = {"gpu": "cuda", "auto": "auto", "cpu": "cpu"}.get(args.accelerator, args.accelerator)
     with _as_input_error(f"morphology embedding with --encoder {enc!r}"):
         pp.embed_morphology(
-            adata, encoder=enc, sample_key=args.sample_key, key_added=MORPHOLOGY_KEY,
-            device=device, progress=not args.quiet, seed=args.seed,
+            adata,
+            encoder=enc,
+            sample_key=args.sample_key,
+            key_added=MORPHOLOGY_KEY,
+            device=device,
+            progress=not args.quiet,
+            seed=args.seed,
         )
     valid = ~np.isnan(np.asarray(adata.obsm[MORPHOLOGY_KEY])).any(1)
     if not valid.any():
@@ -407,8 +495,12 @@ def compute_metrics(
         result["NMI_mean"] = float(scores["NMI"].mean())
         # the shared evaluation protocol (GMM and k-means, 3 seeds) and scib-metrics scores
         evaluation = metrics.evaluate(
-            adata, use_rep=LATENT_KEY, label_key=label_key, batch_key=sample_key,
-            sample_key=sample_key, neighbors_key=NEIGHBORS_KEY,
+            adata,
+            use_rep=LATENT_KEY,
+            label_key=label_key,
+            batch_key=sample_key,
+            sample_key=sample_key,
+            neighbors_key=NEIGHBORS_KEY,
         )
         result["evaluation"] = json.loads(evaluation.to_json(orient="records"))
         for row in evaluation.itertuples():
@@ -418,7 +510,9 @@ def compute_metrics(
     return result, per_sample
 
 
-def figures(adata: Any, model: Any, out: Path, label_key: str | None, sample_key: str) -> list[Path]:
+def figures(
+    adata: Any, model: Any, out: Path, label_key: str | None, sample_key: str
+) -> list[Path]:
     """Domain maps, UMAPs and training curves as PNG files in ``out``."""
     import matplotlib
 
@@ -437,17 +531,44 @@ def figures(adata: Any, model: Any, out: Path, label_key: str | None, sample_key
         plt.close(fig)
         paths.append(path)
 
-    save(pl.domains(adata, color=DOMAIN_KEY, sample_key=sample_key, ncols=ncols, panel_size=3.0,
-                    title="histovi domains"), "domains.png")
+    save(
+        pl.domains(
+            adata,
+            color=DOMAIN_KEY,
+            sample_key=sample_key,
+            ncols=ncols,
+            panel_size=3.0,
+            title="histovi domains",
+        ),
+        "domains.png",
+    )
     if label_key is not None:
         labelled = adata.obs[label_key].notna().groupby(adata.obs[sample_key], observed=True).any()
         samples = [s for s, has in labelled.items() if has]
-        save(pl.domains(adata, color=label_key, sample_key=sample_key, samples=samples,
-                        ncols=min(len(samples), 4), panel_size=3.0,
-                        title=f"ground truth ({label_key})"), "labels.png")
+        save(
+            pl.domains(
+                adata,
+                color=label_key,
+                sample_key=sample_key,
+                samples=samples,
+                ncols=min(len(samples), 4),
+                panel_size=3.0,
+                title=f"ground truth ({label_key})",
+            ),
+            "labels.png",
+        )
     colors = [sample_key, DOMAIN_KEY] + ([label_key] if label_key is not None else [])
-    save(pl.latent_umap(adata, use_rep=LATENT_KEY, color=colors, key_added="X_umap",
-                        random_state=0, panel_size=4.0), "umap.png")
+    save(
+        pl.latent_umap(
+            adata,
+            use_rep=LATENT_KEY,
+            color=colors,
+            key_added="X_umap",
+            random_state=0,
+            panel_size=4.0,
+        ),
+        "umap.png",
+    )
     save(pl.training_curves(model.history), "training.png")
     return paths
 
@@ -473,8 +594,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import HistoVI, pp, tl
     from ._report import write_report
 
-    steps = ["load data", "select genes", "morphology embedding", "spatial neighbours",
-             "train HistoVI", "domains", "metrics", "figures", "write outputs"]
+    steps = [
+        "load data",
+        "select genes",
+        "morphology embedding",
+        "spatial neighbours",
+        "train HistoVI",
+        "domains",
+        "metrics",
+        "figures",
+        "write outputs",
+    ]
     prog = _Progress(len(steps), args.quiet)
     out = Path(args.out).expanduser()
     try:
@@ -489,8 +619,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             adata, source = load_input(args)
             adata, layer, label_key = check_input(adata, args)
             settings.update(source)
-            prog.say(f"  {adata.n_obs} spots, {adata.n_vars} genes, "
-                     f"{adata.obs[args.sample_key].nunique()} samples; labels: {label_key}")
+            prog.say(
+                f"  {adata.n_obs} spots, {adata.n_vars} genes, "
+                f"{adata.obs[args.sample_key].nunique()} samples; labels: {label_key}"
+            )
         with prog.step(steps[1]):
             with _as_input_error("gene selection"):
                 adata, how = select_genes(adata, layer, args.n_top_genes, args.sample_key)
@@ -506,7 +638,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             morph = MORPHOLOGY_KEY if MORPHOLOGY_KEY in adata.obsm else None
             with _as_input_error("model setup"):
                 HistoVI.setup_anndata(
-                    adata, layer=layer, batch_key=args.sample_key, morphology_key=morph,
+                    adata,
+                    layer=layer,
+                    batch_key=args.sample_key,
+                    morphology_key=morph,
                     neighbors_key=NEIGHBORS_KEY,
                     labels_key=None,
                 )
@@ -515,8 +650,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             if max_epochs is None and args.input is None:
                 max_epochs = DEFAULT_MAX_EPOCHS
             model.train(
-                max_epochs=max_epochs, accelerator=args.accelerator,
-                enable_progress_bar=not args.quiet, enable_model_summary=False,
+                max_epochs=max_epochs,
+                accelerator=args.accelerator,
+                enable_progress_bar=not args.quiet,
+                enable_model_summary=False,
             )
             n_epochs = len(model.history["elbo_train"])
             settings["model"] = model._model_summary_string
@@ -530,15 +667,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                 n_domains = n_label_classes(adata.obs[label_key])
             method = "gmm" if n_domains is not None else "leiden"
             tl.domains(
-                adata, n_domains=n_domains, use_rep=LATENT_KEY, method=method,
-                spatial_smoothing=args.spatial_smoothing, sample_key=args.sample_key,
-                key_added=DOMAIN_KEY, random_state=args.seed,
+                adata,
+                n_domains=n_domains,
+                use_rep=LATENT_KEY,
+                method=method,
+                spatial_smoothing=args.spatial_smoothing,
+                sample_key=args.sample_key,
+                key_added=DOMAIN_KEY,
+                random_state=args.seed,
             )
             found = adata.obs[DOMAIN_KEY].nunique()
             settings["domains"] = (
                 f"{method}, {found} domains"
-                + (" (k from --n-domains)" if args.n_domains else
-                   f" (k = label classes in obs['{label_key}'])" if n_domains else "")
+                + (
+                    " (k from --n-domains)"
+                    if args.n_domains
+                    else f" (k = label classes in obs['{label_key}'])"
+                    if n_domains
+                    else ""
+                )
                 + (f", {args.spatial_smoothing} smoothing rounds" if args.spatial_smoothing else "")
             )
         with prog.step(steps[6]):
@@ -546,29 +693,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         with prog.step(steps[7]):
             pngs = figures(adata, model, out, label_key, args.sample_key)
         with prog.step(steps[8]):
-            settings.update({
-                "sample key": args.sample_key, "layer": layer or "X",
-                "label key": label_key or "none", "seed": args.seed,
-                "accelerator": args.accelerator, "output": str(out.resolve()),
-            })
+            settings.update(
+                {
+                    "sample key": args.sample_key,
+                    "layer": layer or "X",
+                    "label key": label_key or "none",
+                    "seed": args.seed,
+                    "accelerator": args.accelerator,
+                    "output": str(out.resolve()),
+                }
+            )
             model.save(out / "model", overwrite=True, save_anndata=False)
             for key in [k for k in adata.uns if k.endswith("_colors") or k in ("histovi",)]:
                 adata.uns[key] = _h5ad_safe(adata.uns[key])
             adata.uns["histovi_run"] = _h5ad_safe({"settings": settings})
             adata.write_h5ad(out / "adata.h5ad")
             summary = {
-                "n_spots": int(adata.n_obs), "n_genes": int(adata.n_vars),
+                "n_spots": int(adata.n_obs),
+                "n_genes": int(adata.n_vars),
                 "n_samples": int(adata.obs[args.sample_key].nunique()),
                 "n_domains": int(adata.obs[DOMAIN_KEY].nunique()),
-                "label_key": label_key, "epochs": n_epochs,
+                "label_key": label_key,
+                "epochs": n_epochs,
                 "final_elbo_train": float(model.history["elbo_train"].iloc[-1, 0]),
             }
-            metrics_json = {"summary": summary, "settings": settings, "timings_s": prog.timings,
-                            **result}
+            metrics_json = {
+                "summary": summary,
+                "settings": settings,
+                "timings_s": prog.timings,
+                **result,
+            }
             (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2, default=str))
-            report = write_report(out / "report.html", settings=settings, summary=summary,
-                                  metrics=result, per_sample=per_sample, figures=pngs,
-                                  timings=prog.timings)
+            report = write_report(
+                out / "report.html",
+                settings=settings,
+                summary=summary,
+                metrics=result,
+                per_sample=per_sample,
+                figures=pngs,
+                timings=prog.timings,
+            )
 
     headline = [f"{k} {result[k]:.3f}" for k in ("ARI_mean", "NMI_mean") if k in result]
     headline.append(f"spatial coherence {result['spatial_coherence']:.3f}")

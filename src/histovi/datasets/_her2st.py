@@ -98,6 +98,8 @@ def her2st(
         )
     import pooch
 
-    processor = pooch.Unzip(extract_dir=".") if url.endswith(".zip") else pooch.Untar(extract_dir=".")
+    processor = (
+        pooch.Unzip(extract_dir=".") if url.endswith(".zip") else pooch.Untar(extract_dir=".")
+    )
     pooch.retrieve(url, known_hash=known_hash, path=cache, processor=processor, progressbar=True)
     return her2st(path=cache, download=False, load_images=load_images)

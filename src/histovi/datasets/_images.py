@@ -26,12 +26,54 @@ _E_VEC = np.array([0.072, 0.990, 0.105])
 #: Texture archetypes cycled over the domains (in category order): eosin density, nuclei per
 #: mm², nucleus radius (µm), elongation (>1 stretched), fibre strength, vacuole density per mm².
 DOMAIN_TEXTURES: list[dict[str, float]] = [
-    {"eosin": 0.35, "nuclei": 2600, "radius": 4.2, "elong": 1.0, "fibres": 0.0, "vacuoles": 0},  # tumour
-    {"eosin": 0.85, "nuclei": 500, "radius": 2.6, "elong": 2.8, "fibres": 0.6, "vacuoles": 0},  # stroma
-    {"eosin": 0.25, "nuclei": 6000, "radius": 2.6, "elong": 1.0, "fibres": 0.0, "vacuoles": 0},  # immune
-    {"eosin": 0.55, "nuclei": 120, "radius": 3.0, "elong": 1.5, "fibres": 0.0, "vacuoles": 450},  # adipose
-    {"eosin": 0.55, "nuclei": 1400, "radius": 3.4, "elong": 1.3, "fibres": 0.2, "vacuoles": 0},  # gland
-    {"eosin": 0.70, "nuclei": 1000, "radius": 5.0, "elong": 1.0, "fibres": 0.0, "vacuoles": 25},  # mixed
+    {
+        "eosin": 0.35,
+        "nuclei": 2600,
+        "radius": 4.2,
+        "elong": 1.0,
+        "fibres": 0.0,
+        "vacuoles": 0,
+    },  # tumour
+    {
+        "eosin": 0.85,
+        "nuclei": 500,
+        "radius": 2.6,
+        "elong": 2.8,
+        "fibres": 0.6,
+        "vacuoles": 0,
+    },  # stroma
+    {
+        "eosin": 0.25,
+        "nuclei": 6000,
+        "radius": 2.6,
+        "elong": 1.0,
+        "fibres": 0.0,
+        "vacuoles": 0,
+    },  # immune
+    {
+        "eosin": 0.55,
+        "nuclei": 120,
+        "radius": 3.0,
+        "elong": 1.5,
+        "fibres": 0.0,
+        "vacuoles": 450,
+    },  # adipose
+    {
+        "eosin": 0.55,
+        "nuclei": 1400,
+        "radius": 3.4,
+        "elong": 1.3,
+        "fibres": 0.2,
+        "vacuoles": 0,
+    },  # gland
+    {
+        "eosin": 0.70,
+        "nuclei": 1000,
+        "radius": 5.0,
+        "elong": 1.0,
+        "fibres": 0.0,
+        "vacuoles": 25,
+    },  # mixed
 ]
 
 
@@ -49,8 +91,13 @@ def _texture(i: int, rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-_KEYWORDS = [("tumo", "cancer", "carcinoma", "invasive"), ("strom", "connective", "fibro"),
-             ("immune", "lymph", "infiltrat"), ("adipo", "fat"), ("gland", "duct", "epithel")]
+_KEYWORDS = [
+    ("tumo", "cancer", "carcinoma", "invasive"),
+    ("strom", "connective", "fibro"),
+    ("immune", "lymph", "infiltrat"),
+    ("adipo", "fat"),
+    ("gland", "duct", "epithel"),
+]
 
 
 def _assign_textures(names: list[str], seed: int) -> list[dict[str, float]]:
@@ -72,7 +119,11 @@ def _assign_textures(names: list[str], seed: int) -> list[dict[str, float]]:
     for i in range(len(names)):
         if chosen[i] is None and free:
             chosen[i] = free.pop(0)
-        out.append(DOMAIN_TEXTURES[chosen[i]] if chosen[i] is not None else _texture(len(DOMAIN_TEXTURES), rng))
+        out.append(
+            DOMAIN_TEXTURES[chosen[i]]
+            if chosen[i] is not None
+            else _texture(len(DOMAIN_TEXTURES), rng)
+        )
     return out
 
 
@@ -88,7 +139,11 @@ def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator
 
 
 def _blobs(
-    mask: np.ndarray, density_mm2: float, radius_px: float, elong: float, px_um: float,
+    mask: np.ndarray,
+    density_mm2: float,
+    radius_px: float,
+    elong: float,
+    px_um: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Soft blob field (0..1) of randomly placed, randomly oriented ellipses inside ``mask``."""
@@ -174,17 +229,27 @@ def draw_he_images(
     """
     for key in (domain_key, sample_key):
         if key not in adata.obs:
-            raise KeyError(f"adata.obs[{key!r}] not found: pass {'domain_key' if key == domain_key else 'sample_key'}= naming an obs column")
+            raise KeyError(
+                f"adata.obs[{key!r}] not found: pass {'domain_key' if key == domain_key else 'sample_key'}= naming an obs column"
+            )
     if spatial_key not in adata.obsm:
         raise KeyError(f"adata.obsm[{spatial_key!r}] not found: pass spatial_key=")
     if hires_um_per_px <= 0 or um_per_px_fullres <= 0:
         raise ValueError("hires_um_per_px and um_per_px_fullres must be positive")
     xy_all = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
     if not np.isfinite(xy_all).all() or (xy_all < 0).any():
-        raise ValueError(f"adata.obsm[{spatial_key!r}] must be finite, non-negative pixel coordinates")
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must be finite, non-negative pixel coordinates"
+        )
     dom = adata.obs[domain_key]
-    cats = list(dom.cat.categories) if isinstance(dom.dtype, pd.CategoricalDtype) else sorted(pd.unique(dom.astype(str)))
-    dom_code = pd.Categorical(dom.astype(str) if not isinstance(dom.dtype, pd.CategoricalDtype) else dom, categories=cats).codes
+    cats = (
+        list(dom.cat.categories)
+        if isinstance(dom.dtype, pd.CategoricalDtype)
+        else sorted(pd.unique(dom.astype(str)))
+    )
+    dom_code = pd.Categorical(
+        dom.astype(str) if not isinstance(dom.dtype, pd.CategoricalDtype) else dom, categories=cats
+    ).codes
     textures = _assign_textures([str(c) for c in cats], seed)
     samples = adata.obs[sample_key].astype(str).to_numpy()
     scalef = um_per_px_fullres / hires_um_per_px
@@ -237,7 +302,9 @@ def draw_he_images(
         e_vec = _E_VEC + bs * rng.normal(0, 0.06, 3)
         h_vec, e_vec = (np.abs(v) / np.linalg.norm(v) for v in (h_vec, e_vec))
         h_amt, e_amt = 1 + bs * rng.normal(0, 0.12, 2)
-        od = (hem[..., None] * h_amt * h_vec + eos[..., None] * e_amt * e_vec * 0.6).astype(np.float32)
+        od = (hem[..., None] * h_amt * h_vec + eos[..., None] * e_amt * e_vec * 0.6).astype(
+            np.float32
+        )
         rgb = 245.0 * np.exp(-od) * (1 + bs * rng.normal(0, 0.03))
         blur = abs(bs * rng.normal(0.5, 0.3))
         if blur > 0.05:

@@ -129,6 +129,7 @@ def simulate(
     sections_without_image: int = 1,
     absent_domains: bool = True,
     with_images: bool = False,
+    expression_embedding_dim: int = 0,
     seed: int = 0,
 ) -> AnnData:
     """Simulate a multi-patient spatial transcriptomics study (histovi's default data).
@@ -159,6 +160,12 @@ def simulate(
     absent_domains
         Drop some domains in some patients (patient 2 has no immune infiltrate, patient 3 no
         tumour, patient 4 no adipose tissue).
+    expression_embedding_dim
+        When positive, also simulate what a transcriptomics foundation model would return for
+        each spot (``obsm['X_fm']``, this width): a fixed random projection of the spot's mix of
+        expression programmes (signal 2 per unit of composition), a patient shift (sd 0.5, weaker
+        than in the counts) and unit spot noise. Drawn from its own random stream, so the rest of
+        the data is the same with or without it.
     with_images
         Also draw an H&E-like image per section (``uns['spatial'][sample]['images']['hires']``)
         so that :func:`histovi.pp.embed_morphology` can run on the data.
@@ -188,6 +195,10 @@ def simulate(
     for p in range(n_programmes):
         programmes[p, markers[p]] += marker_lfc * rng.uniform(0.7, 1.3, n_markers)
     morph_means = rng.normal(0, morphology_signal, (n_morph_classes, morphology_dim))
+    fm_rng = np.random.default_rng([seed, 7])
+    fm_dim = int(expression_embedding_dim)
+    fm_proj = fm_rng.normal(0, 2.0, (n_programmes, max(fm_dim, 1)))
+    fm = []
 
     xy = _hex_grid(*grid_size)
     counts, obs, coords, morph = [], [], [], []
@@ -198,6 +209,7 @@ def simulate(
         patient = f"P{p + 1}"
         absent = _ABSENT_BY_PATIENT[p % len(_ABSENT_BY_PATIENT)] if absent_domains else ()
         patient_shift = rng.normal(0, patient_effect, n_genes)
+        fm_patient_shift = fm_rng.normal(0, 0.5, max(fm_dim, 1))
         for s in range(n_sections_per_patient):
             sample = f"{patient}_S{s + 1}"
             section_index = p * n_sections_per_patient + s
@@ -213,6 +225,15 @@ def simulate(
                 ring = (d2 > 0) & (d2 < (1.1 * SPOT_SPACING_UM) ** 2)
                 neigh_mean = (ring @ rates) / np.maximum(ring.sum(1, keepdims=True), 1)
                 rates = (1 - spot_mixing) * rates + spot_mixing * neigh_mean
+            if fm_dim:
+                # what an expression foundation model sees: the spot's mix of programmes
+                onehot = np.eye(n_programmes)[prog]
+                if spot_mixing > 0:
+                    onehot = (1 - spot_mixing) * onehot + spot_mixing * (
+                        (ring @ onehot) / np.maximum(ring.sum(1, keepdims=True), 1)
+                    )
+                e = onehot @ fm_proj + fm_patient_shift + fm_rng.normal(0, 1.0, (n, fm_dim))
+                fm.append(e.astype(np.float32))
             shift = patient_shift + rng.normal(0, section_effect, n_genes)
             rates = rates * np.exp(shift)
             rates /= rates.sum(1, keepdims=True)
@@ -265,6 +286,8 @@ def simulate(
     adata.layers["counts"] = X.copy()
     adata.obsm["spatial"] = np.vstack(coords)
     adata.obsm["X_morphology"] = np.vstack(morph)
+    if fm_dim:
+        adata.obsm["X_fm"] = np.vstack(fm)
     adata.var["marker_of"] = "none"
     names = ["tumour", "stroma", "immune", "gland", "adipose"]
     for p in range(n_programmes):

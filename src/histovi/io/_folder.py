@@ -87,8 +87,10 @@ def read_folder(
                 sf["tissue_hires_scalef"] = scalef
     if missing:
         warnings.warn(
-            "read_folder: image files not found for " + ", ".join(missing)
+            "read_folder: image files not found for "
+            + ", ".join(missing)
             + "; these samples will have no morphology",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
     return adata

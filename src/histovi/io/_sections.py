@@ -125,7 +125,9 @@ def anndata_sections(
         sec.mpp_units = mpp
         sec.info["mpp_from"] = how
         images = lib.get("images", {}) or {}
-        candidates = [image_key] if image_key is not None else [k for k in images if k in _SCALEF_KEYS]
+        candidates = (
+            [image_key] if image_key is not None else [k for k in images if k in _SCALEF_KEYS]
+        )
         for key in candidates:
             if key not in images:
                 continue
@@ -168,7 +170,9 @@ def _image_levels(image: Any) -> list[Any]:
     """Dask arrays (c, y, x) of a SpatialData image, finest first."""
     if hasattr(image, "children") and len(getattr(image, "children", {})):
         levels = []
-        for key in sorted(image.children, key=lambda k: int("".join(c for c in k if c.isdigit()) or 0)):
+        for key in sorted(
+            image.children, key=lambda k: int("".join(c for c in k if c.isdigit()) or 0)
+        ):
             node = image[key]
             var = list(node.data_vars)[0] if hasattr(node, "data_vars") else "image"
             levels.append(node[var].data)
@@ -231,8 +235,12 @@ def spatialdata_sections(
         imgs = []
         for key in wanted:
             if key not in sdata.images:
-                raise KeyError(f"image_key {key!r} is not an image of the SpatialData object: {list(sdata.images)}")
-            shared = [c for c in get_transformation(sdata.images[key], get_all=True) if c in element_cs]
+                raise KeyError(
+                    f"image_key {key!r} is not an image of the SpatialData object: {list(sdata.images)}"
+                )
+            shared = [
+                c for c in get_transformation(sdata.images[key], get_all=True) if c in element_cs
+            ]
             if shared:
                 cs = cs or shared[0]
                 if cs in shared:

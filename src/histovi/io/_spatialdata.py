@@ -52,10 +52,16 @@ def to_spatialdata(
     from spatialdata.transformations import Identity, Scale
 
     if sample_key not in adata.obs:
-        raise KeyError(f"adata.obs[{sample_key!r}] not found: pass sample_key= naming the section column")
+        raise KeyError(
+            f"adata.obs[{sample_key!r}] not found: pass sample_key= naming the section column"
+        )
     sections = anndata_sections(
-        adata, sample_key=sample_key, spatial_key=spatial_key, image_dir=image_dir,
-        image_key=image_key, mpp_fullres=None,
+        adata,
+        sample_key=sample_key,
+        spatial_key=spatial_key,
+        image_dir=image_dir,
+        image_key=image_key,
+        mpp_fullres=None,
     )
     spatial = adata.uns.get("spatial", {}) or {}
     shapes, images = {}, {}
@@ -65,8 +71,11 @@ def to_spatialdata(
         sf = (spatial.get(name, {}) or {}).get("scalefactors", {}) or {}
         radius = float(sf.get("spot_diameter_fullres", 1.0)) / 2
         shapes[_spots_name(name)] = ShapesModel.parse(
-            sec.centres, geometry=0, radius=np.full(len(sec.rows), radius),
-            index=pd.Index(sec.rows, name=INSTANCE_KEY), transformations={name: Identity()},
+            sec.centres,
+            geometry=0,
+            radius=np.full(len(sec.rows), radius),
+            index=pd.Index(sec.rows, name=INSTANCE_KEY),
+            transformations={name: Identity()},
         )
         regions[sec.rows] = _spots_name(name)
         if not sec.sources:
@@ -79,8 +88,11 @@ def to_spatialdata(
         scale = 1.0 / src.scalef  # image px -> full-res px
         pyramid = [2, 2, 2] if max(arr.shape[:2]) > multiscale_min_size else None
         images[_image_name(name)] = Image2DModel.parse(
-            np.moveaxis(arr, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-            scale_factors=pyramid, transformations={name: Scale([scale, scale], axes=("y", "x"))},
+            np.moveaxis(arr, -1, 0),
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            scale_factors=pyramid,
+            transformations={name: Scale([scale, scale], axes=("y", "x"))},
         )
     table = adata.copy()
     uns_spatial = {}
@@ -88,10 +100,14 @@ def to_spatialdata(
         entry = {k: v for k, v in entry.items() if k != "images"}  # pixels live in sdata.images
         uns_spatial[lib] = entry
     table.uns["spatial"] = uns_spatial
-    table.obs[REGION_KEY] = pd.Categorical(regions, categories=[_spots_name(s.name) for s in sections])
+    table.obs[REGION_KEY] = pd.Categorical(
+        regions, categories=[_spots_name(s.name) for s in sections]
+    )
     table.obs[INSTANCE_KEY] = np.arange(adata.n_obs)
     table = TableModel.parse(
-        table, region=[_spots_name(s.name) for s in sections], region_key=REGION_KEY,
+        table,
+        region=[_spots_name(s.name) for s in sections],
+        region_key=REGION_KEY,
         instance_key=INSTANCE_KEY,
     )
     return sd.SpatialData(images=images, shapes=shapes, tables={table_key: table})
@@ -117,7 +133,10 @@ def from_spatialdata(
     spot diameter and ``um_per_px_fullres`` when known). ``sdata`` is not modified.
     """
     table, sections = spatialdata_sections(
-        sdata, table_key=table_key, sample_key=sample_key, image_key=image_key,
+        sdata,
+        table_key=table_key,
+        sample_key=sample_key,
+        image_key=image_key,
         mpp_fullres=mpp_fullres,
     )
     adata = table.copy()
@@ -139,10 +158,13 @@ def from_spatialdata(
             fits = [i for i, s in enumerate(src.shapes) if max(s) <= max_image_size]
             src.level = min(fits) if fits else 0
             lin = src.to_image[:2, :2] / src.factor
-            if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9) or not np.isclose(lin[0, 0], lin[1, 1]):
+            if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9) or not np.isclose(
+                lin[0, 0], lin[1, 1]
+            ):
                 warnings.warn(
                     f"image of {sec.name!r} is rotated/sheared relative to the spots: not loaded "
-                    "into uns['spatial'] (use the SpatialData object directly)", stacklevel=2,
+                    "into uns['spatial'] (use the SpatialData object directly)",
+                    stacklevel=2,
                 )
             else:
                 arr = src.read(0, src.shape[0], 0, src.shape[1])
@@ -162,4 +184,3 @@ def from_spatialdata(
     adata.obsm[spatial_key] = xy
     adata.uns["spatial"] = spatial
     return adata
-

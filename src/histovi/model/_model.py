@@ -33,6 +33,7 @@ from .._validation import (
     require_obs,
     require_obsm,
 )
+from ..data._anchors import AnchorCallback
 from ..data._loader import NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
 
@@ -110,6 +111,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         niche_weight: float = 1.0,
         alignment_weight: float = 20.0,
         view_dropout: float = 0.3,
+        **module_kwargs,
     ):
         super().__init__(adata)
         if adata is None:
@@ -166,6 +168,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             view_dropout=view_dropout,
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            **module_kwargs,
         )
         # What a query must match (checked by prepare_query_anndata / load_query_data).
         uns = self.adata.uns.get(UNS_KEY, {}) if isinstance(self.adata, AnnData) else {}
@@ -446,7 +449,11 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         """
         n = self.adata.n_obs
         record = self.histovi_setup_
-        if max_epochs is None and getattr(self, "is_query_", False) and record.get("train_spot_epochs"):
+        if (
+            max_epochs is None
+            and getattr(self, "is_query_", False)
+            and record.get("train_spot_epochs")
+        ):
             # A query trains a handful of covariate columns: a tenth of the reference's work
             # (spots x epochs) is plenty, and keeps mapping a patient cheap.
             max_epochs = int(max(10, min(200, round(0.1 * record["train_spot_epochs"] / n))))
@@ -457,6 +464,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             plan_kwargs.setdefault("weight_decay", 0.0)
         if checkpoint_dir is not None:
             trainer_kwargs.update(_checkpointing(checkpoint_dir, trainer_kwargs))
+        if getattr(self.module, "anchor_weight", 0) > 0 and not getattr(self, "is_query_", False):
+            callbacks = list(trainer_kwargs.get("callbacks") or [])
+            callbacks.append(AnchorCallback())
+            trainer_kwargs["callbacks"] = callbacks
         out = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,

@@ -29,6 +29,8 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 NICHE_KEY = "niche_counts"
+ANCHOR_TARGET_KEY = "anchor_target"
+ANCHOR_MASK_KEY = "anchor_mask"
 NEIGHBORS_REGISTRY_KEY = "spatial_neighbors"
 
 
@@ -119,8 +121,14 @@ class HistoVAE(BaseModuleClass):
         view_dropout: float = 0.3,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
+        encode_covariates: bool = True,
+        cycle_weight: float = 0.0,
+        anchor_weight: float = 0.0,
     ):
         super().__init__()
+        self.encode_covariates = encode_covariates
+        self.cycle_weight = cycle_weight
+        self.anchor_weight = anchor_weight
         self.n_input = n_input
         self.n_batch = n_batch
         self.n_latent = n_latent
@@ -146,7 +154,8 @@ class HistoVAE(BaseModuleClass):
             "use_batch_norm": False,
             "use_layer_norm": True,
         }
-        self.z_encoder = Encoder(n_input + n_cont, n_latent, dropout_rate=dropout_rate, **net)
+        enc = dict(net, n_cat_list=cat_list if encode_covariates else None)
+        self.z_encoder = Encoder(n_input + n_cont, n_latent, dropout_rate=dropout_rate, **enc)
         self.decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
         self.px_r = nn.Parameter(torch.randn(n_input))
 
@@ -154,7 +163,7 @@ class HistoVAE(BaseModuleClass):
         self.view_decoders = nn.ModuleDict()
         for name, dim in (view_dims or {}).items():
             self.view_encoders[name] = Encoder(
-                dim + n_cont, n_latent, dropout_rate=dropout_rate, **net
+                dim + n_cont, n_latent, dropout_rate=dropout_rate, **enc
             )
             self.view_decoders[name] = GaussianViewDecoder(
                 n_latent + n_cont, dim, cat_list, n_hidden, n_layers, dropout_rate
@@ -229,7 +238,8 @@ class HistoVAE(BaseModuleClass):
         x_in = torch.log1p(x)
         if cont is not None:
             x_in = torch.cat([x_in, cont], dim=-1)
-        mu_x, var_x, _ = self.z_encoder(x_in, *cat_list)
+        enc_cats = cat_list if self.encode_covariates else []
+        mu_x, var_x, _ = self.z_encoder(x_in, *enc_cats)
         precision = 1.0 + 1.0 / var_x
         weighted_mean = mu_x / var_x
         view_inputs = {}
@@ -239,7 +249,7 @@ class HistoVAE(BaseModuleClass):
             values, mask = self._standardise_view(name, views[name])
             view_inputs[name] = (values, mask)
             v_in = values if cont is None else torch.cat([values, cont], dim=-1)
-            mu_v, var_v, _ = self.view_encoders[name](v_in, *cat_list)
+            mu_v, var_v, _ = self.view_encoders[name](v_in, *enc_cats)
             if self.training and self.view_dropout > 0:
                 # Hide the view from the encoder for a random share of spots (it is still
                 # reconstructed), so spots and whole samples without the view land in the
@@ -278,6 +288,28 @@ class HistoVAE(BaseModuleClass):
             )
         return out
 
+    def _cycle_loss(self, tensors, inference_outputs):
+        """Latent cycle consistency (as sysVI): decode each spot's z in another, random sample,
+        re-encode the expected counts with that sample's covariates, and ask for the same z.
+        The encoder then has to remove exactly the sample effect that the decoder adds, without
+        forcing samples with different tissue compositions onto each other."""
+        cat_list, cont = self._covariates(tensors)
+        batch = cat_list[0]
+        shift = torch.randint_like(batch, 1, self.n_batch)
+        other = torch.remainder(batch + shift, self.n_batch)
+        cat_other = [other] + list(cat_list[1:])
+        z = inference_outputs["z"]
+        library = inference_outputs["library"]
+        z_in = z if cont is None else torch.cat([z, cont], dim=-1)
+        _, _, rate, _ = self.decoder("gene", z_in, torch.log(library), *cat_other)
+        x_in = torch.log1p(rate)
+        if cont is not None:
+            x_in = torch.cat([x_in, cont], dim=-1)
+        enc_cats = cat_other if self.encode_covariates else []
+        mu_cycle, _, _ = self.z_encoder(x_in, *enc_cats)
+        mu = inference_outputs["qz"].loc
+        return ((mu - mu_cycle) ** 2).sum(-1).mean()
+
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
         qz = inference_outputs["qz"]
@@ -306,6 +338,18 @@ class HistoVAE(BaseModuleClass):
             adv = F.cross_entropy(logits, target)
             loss = loss + self.alignment_weight * adv
             extra["adversarial_ce"] = adv.detach()
+        if self.anchor_weight > 0 and ANCHOR_TARGET_KEY in tensors:
+            # Pull spots towards the latent of their mutual nearest neighbours in other samples.
+            target = tensors[ANCHOR_TARGET_KEY]
+            mask = tensors[ANCHOR_MASK_KEY].view(-1)
+            pull = ((qz.loc - target) ** 2).sum(-1) * mask
+            anchor = pull.sum() / mask.sum().clamp(min=1.0)
+            loss = loss + self.anchor_weight * anchor
+            extra["anchor"] = anchor.detach()
+        if self.cycle_weight > 0 and self.n_batch > 1:
+            cyc = self._cycle_loss(tensors, inference_outputs)
+            loss = loss + self.cycle_weight * cyc
+            extra["cycle"] = cyc.detach()
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconstruction,

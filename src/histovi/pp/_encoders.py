@@ -74,7 +74,12 @@ def _stain_texture_names() -> list[str]:
     for ch in ("H", "gray"):
         for s in _SCALES_UM:
             names += [f"{ch}_grad_{s:g}um", f"{ch}_log_{s:g}um", f"{ch}_locstd_{s:g}um"]
-    names += ["blob_density_log1p_per_mm2", "blob_mean_area_um2", "blob_std_area_um2", "blob_area_fraction"]
+    names += [
+        "blob_density_log1p_per_mm2",
+        "blob_mean_area_um2",
+        "blob_std_area_um2",
+        "blob_area_fraction",
+    ]
     return names
 
 
@@ -305,7 +310,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a torch device: use 'auto', 'cpu' or 'cuda'") from err
+        raise ValueError(
+            f"device={device!r} is not a torch device: use 'auto', 'cpu' or 'cuda'"
+        ) from err
 
 
 def _arch_from_checkpoint(path: Path) -> tuple[str | None, dict]:
@@ -336,7 +343,9 @@ def _weights_in_dir(path: Path) -> Path:
     )
 
 
-def _create_timm(name: str, pretrained: bool, file: Path | None, model_kwargs: dict) -> torch.nn.Module:
+def _create_timm(
+    name: str, pretrained: bool, file: Path | None, model_kwargs: dict
+) -> torch.nn.Module:
     import timm
 
     kwargs = {"num_classes": 0, **model_kwargs}
@@ -441,7 +450,12 @@ def resolve_encoder(
             obj = torch.load(file, map_location="cpu", weights_only=False)
             if isinstance(obj, torch.nn.Module):
                 return TorchEncoder(
-                    obj, f"file:{file.name}", "checkpoint", sha256_file(file), transform, dev,
+                    obj,
+                    f"file:{file.name}",
+                    "checkpoint",
+                    sha256_file(file),
+                    transform,
+                    dev,
                     extra={"checkpoint_path": str(file.resolve())},
                 )
             if isinstance(obj, dict):
@@ -453,7 +467,12 @@ def resolve_encoder(
                 )
         model = _create_timm(arch, True, file, {**cfg_kwargs, **model_kwargs})
         return TorchEncoder(
-            model, arch, "checkpoint", sha256_file(file), transform, dev,
+            model,
+            arch,
+            "checkpoint",
+            sha256_file(file),
+            transform,
+            dev,
             extra={"checkpoint_path": str(file.resolve())},
         )
     if checkpoint_path is not None:
@@ -461,15 +480,27 @@ def resolve_encoder(
         if file.is_dir():
             file = _weights_in_dir(file)
         if not file.exists():
-            raise ValueError(f"checkpoint_path={str(checkpoint_path)!r} does not exist: check the path")
+            raise ValueError(
+                f"checkpoint_path={str(checkpoint_path)!r} does not exist: check the path"
+            )
         model = _create_timm(enc, True, file, model_kwargs)
         return TorchEncoder(
-            model, enc, "checkpoint", sha256_file(file), transform, dev,
+            model,
+            enc,
+            "checkpoint",
+            sha256_file(file),
+            transform,
+            dev,
             extra={"checkpoint_path": str(file.resolve())},
         )
     model = _create_timm(enc, pretrained, None, model_kwargs)
     kind = "hf-hub" if enc.startswith("hf-hub:") else "timm"
     return TorchEncoder(
-        model, enc, kind, sha256_state_dict(model), transform, dev,
+        model,
+        enc,
+        kind,
+        sha256_state_dict(model),
+        transform,
+        dev,
         extra={"pretrained": bool(pretrained)},
     )

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from .._constants import UNS_KEY
+from ._encoders import sha256_file, sha256_state_dict
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -254,23 +255,6 @@ def _record(adata: AnnData, key_added: str, emb: np.ndarray, info: dict[str, Any
     embeddings = uns.setdefault("embeddings", {})
     # h5ad cannot store None in uns: drop unset entries instead.
     embeddings[key_added] = {k: v for k, v in info.items() if v is not None}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_state_dict(module: Any) -> str:
-    """Hash of a torch module's parameters and buffers, in name order."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +523,7 @@ def _weights_file_hash(folder: Path | None) -> str | None:
     if folder is not None:
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (folder / name).is_file():
-                return _sha256_file(folder / name)
+                return sha256_file(folder / name)
     return None
 
 
@@ -813,11 +797,11 @@ def _embed_geneformer(
         "architecture": type(bert).__name__,
         # The state-dict hash is the same whether the weights came from a folder, the hub or a
         # loaded object, so a query embedded by the same weights always matches its reference.
-        "weights_sha256": _sha256_state_dict(bert),
+        "weights_sha256": sha256_state_dict(bert),
         "weights_sha256_of": "state_dict",
         "weights_file_sha256": _weights_file_hash(folder),
         "token_dictionary": dicts["token"].name,
-        "token_dictionary_sha256": _sha256_file(dicts["token"]),
+        "token_dictionary_sha256": sha256_file(dicts["token"]),
         "vocab_size": int(config.vocab_size),
         "transferable": True,
         "n_genes_mapped": int(len(uniq_tokens)),

@@ -285,9 +285,15 @@ def embed_morphology(
     if rec:
         _check_same("tile_size_um", tile_size_um, rec["tile_size_um"])
         _check_same("target_mpp", target_mpp, rec["target_mpp"])
-        _check_same("stain_normalization", stain_normalization, rec.get("stain_normalization", "none"))
+        _check_same(
+            "stain_normalization", stain_normalization, rec.get("stain_normalization", "none")
+        )
         _check_same("min_tissue_fraction", min_tissue_fraction, rec["min_tissue_fraction"])
-        _check_same("n_components", n_components, int(rec["pca"]["n_components"]) if "pca" in rec else "none")
+        _check_same(
+            "n_components",
+            n_components,
+            int(rec["pca"]["n_components"]) if "pca" in rec else "none",
+        )
         tile_size_um = float(rec["tile_size_um"])
         target_mpp = float(rec["target_mpp"])
         min_tissue_fraction = float(rec["min_tissue_fraction"])
@@ -308,7 +314,9 @@ def embed_morphology(
     tile_size_um = DEFAULT_TILE_SIZE_UM if tile_size_um is None else float(tile_size_um)
     if not np.isfinite(tile_size_um) or tile_size_um <= 0:
         raise ValueError(f"tile_size_um={tile_size_um!r} must be a positive number of µm")
-    min_tissue_fraction = DEFAULT_MIN_TISSUE if min_tissue_fraction is None else float(min_tissue_fraction)
+    min_tissue_fraction = (
+        DEFAULT_MIN_TISSUE if min_tissue_fraction is None else float(min_tissue_fraction)
+    )
     if not 0 <= min_tissue_fraction <= 1:
         raise ValueError(f"min_tissue_fraction={min_tissue_fraction!r} must lie in [0, 1]")
     if target_mpp is None:
@@ -352,7 +360,9 @@ def embed_morphology(
             spot_diameter_um=spot_diameter_um,
         )
         if copy:
-            raise ValueError("copy=True is for AnnData input; a SpatialData table is written in place")
+            raise ValueError(
+                "copy=True is for AnnData input; a SpatialData table is written in place"
+            )
         adata = table
     elif hasattr(data, "obsm") and hasattr(data, "uns"):
         adata = data.copy() if copy else data
@@ -419,8 +429,14 @@ def embed_morphology(
     for p in plans:
         sec = p["section"]
         ds = _TileDataset(
-            p["source"], p["centres_px"], p["half"], tile_px, min_tissue_fraction,
-            enc.preprocess, stain_fns.get(sec.name), p["chroma_threshold"],
+            p["source"],
+            p["centres_px"],
+            p["half"],
+            tile_px,
+            min_tissue_fraction,
+            enc.preprocess,
+            stain_fns.get(sec.name),
+            p["chroma_threshold"],
         )
         loader = DataLoader(
             ds,
@@ -450,7 +466,9 @@ def embed_morphology(
     # an encoder may return non-finite features on odd tiles: treat them as invalid, never as 0
     bad = valid & ~np.isfinite(emb).all(axis=1)
     if bad.any():
-        warnings.warn(f"{int(bad.sum())} tiles gave non-finite features; marked invalid", stacklevel=2)
+        warnings.warn(
+            f"{int(bad.sum())} tiles gave non-finite features; marked invalid", stacklevel=2
+        )
         emb[bad], valid[bad] = np.nan, False
     for s in missing:
         per_section[s.name] = {"n_spots": len(s.rows), "n_valid": 0, "missing": s.missing}
@@ -527,7 +545,12 @@ def _sample_tiles(plan: Mapping[str, Any], tile_px: int, min_tissue: float, seed
     rng = np.random.default_rng(seed)
     idx = rng.choice(n, size=min(n, 4 * _N_FIT_TILES), replace=False)
     ds = _TileDataset(
-        plan["source"], plan["centres_px"], plan["half"], tile_px, min_tissue, None,
+        plan["source"],
+        plan["centres_px"],
+        plan["half"],
+        tile_px,
+        min_tissue,
+        None,
         chroma_threshold=plan["chroma_threshold"],
     )
     tiles = []
