@@ -29,8 +29,14 @@ def small_adata():
     import histovi
 
     adata = histovi.datasets.simulate(
-        n_patients=2, n_sections_per_patient=2, grid_size=(10, 10), n_genes=150, n_markers=10,
-        morphology_dim=8, sections_without_image=0, seed=1,
+        n_patients=2,
+        n_sections_per_patient=2,
+        grid_size=(10, 10),
+        n_genes=150,
+        n_markers=10,
+        morphology_dim=8,
+        sections_without_image=0,
+        seed=1,
     )
     histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=6)
     return adata

@@ -21,8 +21,15 @@ def test_smoke_run_writes_table_json_and_figures(tmp_path, capsys):
         "sim_tiny", ["Harmony", "PCA"], seeds=[0], out=tmp_path, in_process=True
     )
     out = tmp_path / "sim_tiny"
-    for name in ("table.md", "results.json", "per_section.csv", "scores_ARI.png",
-                 "domains_truth.png", "domains_PCA.png", "domains_Harmony.png"):
+    for name in (
+        "table.md",
+        "results.json",
+        "per_section.csv",
+        "scores_ARI.png",
+        "domains_truth.png",
+        "domains_PCA.png",
+        "domains_Harmony.png",
+    ):
         assert (out / name).exists(), name
     table = {row["method"]: row for row in result["table"]}
     assert list(table) == ["PCA", "Harmony"]  # the harness's order, not the caller's

@@ -11,15 +11,34 @@ import pytest
 from histovi import cli
 
 # A tiny simulated study: 2 patients x 1 section of 10 x 10 spots, 150 genes.
-TINY = ["--sim-grid", "10", "--sim-patients", "2", "--sim-sections", "1", "--sim-genes", "150",
-        "--max-epochs", "2", "--quiet"]
+TINY = [
+    "--sim-grid",
+    "10",
+    "--sim-patients",
+    "2",
+    "--sim-sections",
+    "1",
+    "--sim-genes",
+    "150",
+    "--max-epochs",
+    "2",
+    "--quiet",
+]
 
 
 def test_default_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["run", "--out", str(out), *TINY]) == 0
-    for name in ("adata.h5ad", "metrics.json", "report.html", "domains.png", "labels.png",
-                 "umap.png", "training.png", "model/model.pt"):
+    for name in (
+        "adata.h5ad",
+        "metrics.json",
+        "report.html",
+        "domains.png",
+        "labels.png",
+        "umap.png",
+        "training.png",
+        "model/model.pt",
+    ):
         assert (out / name).exists(), name
     adata = ad.read_h5ad(out / "adata.h5ad")
     assert adata.n_obs == 200
@@ -52,9 +71,27 @@ def test_input_h5ad_options_and_reload(tmp_path, small_adata):
     small_adata.write_h5ad(path)
     out = tmp_path / "out"
     # no labels: the protocol and scib-metrics scores are skipped, k comes from --n-domains
-    argv = ["run", "--input", str(path), "--out", str(out), "--label-key", "none",
-            "--n-domains", "3", "--encoder", "precomputed", "--samples", "P1_S1", "P2_S1",
-            "--n-top-genes", "100", "--max-epochs", "1", "--quiet"]
+    argv = [
+        "run",
+        "--input",
+        str(path),
+        "--out",
+        str(out),
+        "--label-key",
+        "none",
+        "--n-domains",
+        "3",
+        "--encoder",
+        "precomputed",
+        "--samples",
+        "P1_S1",
+        "P2_S1",
+        "--n-top-genes",
+        "100",
+        "--max-epochs",
+        "1",
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     adata = ad.read_h5ad(out / "adata.h5ad")
     assert adata.n_vars == 100  # highly variable genes kept
@@ -67,8 +104,9 @@ def test_input_h5ad_options_and_reload(tmp_path, small_adata):
     from histovi import HistoVI
 
     model = HistoVI.load(out / "model", adata=adata)
-    np.testing.assert_allclose(model.get_latent_representation(), adata.obsm["X_histovi"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), adata.obsm["X_histovi"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,7 +140,9 @@ def test_unreadable_and_uncounted_input(tmp_path, capsys, small_adata):
     adata.X = adata.X * 0.5
     del adata.layers["counts"]
     adata.write_h5ad(tmp_path / "norm.h5ad")
-    assert cli.main(["run", "--input", str(tmp_path / "norm.h5ad"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(["run", "--input", str(tmp_path / "norm.h5ad"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "non-integer" in capsys.readouterr().err
 
 
@@ -115,8 +155,12 @@ def test_help_and_module_entry_point(capsys):
         assert word in help_text
     assert "--sim-grid" not in help_text  # test-only flags stay hidden
     # `python -m histovi` is the same command, with exit code 2 and one line for bad input
-    proc = subprocess.run([sys.executable, "-m", "histovi", "run", "--input", "/nonexistent.h5ad"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "histovi", "run", "--input", "/nonexistent.h5ad"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("histovi: error: --input")
 
@@ -124,8 +168,20 @@ def test_help_and_module_entry_point(capsys):
 @pytest.mark.slow
 def test_her2st_folder(tmp_path, her2st_dir):
     out = tmp_path / "out"
-    argv = ["run", "--input", str(her2st_dir), "--samples", "A1", "B1", "C2", "--max-epochs", "1",
-            "--out", str(out), "--quiet"]
+    argv = [
+        "run",
+        "--input",
+        str(her2st_dir),
+        "--samples",
+        "A1",
+        "B1",
+        "C2",
+        "--max-epochs",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["summary"]["label_key"] == "label"

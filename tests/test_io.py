@@ -20,10 +20,14 @@ def _adata(n: int = 5) -> ad.AnnData:
         ii, jj = np.meshgrid(np.arange(n), np.arange(n))
         xy = np.c_[(100 * ii + 50 * (jj % 2) + 120).ravel(), (86.6 * jj + 120).ravel()]
         xs.append(xy.astype(float))
-        obs.append(pd.DataFrame({"sample": s, "domain": np.where(xy[:, 0] < 300, "tumour", "stroma")}))
+        obs.append(
+            pd.DataFrame({"sample": s, "domain": np.where(xy[:, 0] < 300, "tumour", "stroma")})
+        )
     obs = pd.concat(obs, ignore_index=True)
     obs.index = [f"spot{i}" for i in range(len(obs))]
-    adata = ad.AnnData(np.random.default_rng(0).poisson(2, (len(obs), 7)).astype(np.float32), obs=obs)
+    adata = ad.AnnData(
+        np.random.default_rng(0).poisson(2, (len(obs), 7)).astype(np.float32), obs=obs
+    )
     adata.obs["sample"] = adata.obs["sample"].astype("category")
     adata.obsm["spatial"] = np.vstack(xs)
     adata.uns["spatial"] = draw_he_images(adata, seed=0)
@@ -36,7 +40,10 @@ def test_spatialdata_zarr_round_trip(tmp_path):
     adata = _adata()
     before = adata.copy()
     sdata = to_spatialdata(adata)
-    assert set(sdata.images) == {"a_hires", "b_hires"} and set(sdata.shapes) == {"a_spots", "b_spots"}
+    assert set(sdata.images) == {"a_hires", "b_hires"} and set(sdata.shapes) == {
+        "a_spots",
+        "b_spots",
+    }
     sdata.write(tmp_path / "data.zarr")
     back = from_spatialdata(sd.read_zarr(tmp_path / "data.zarr"), table_key="table")
     np.testing.assert_array_equal(back.X, adata.X)
@@ -71,7 +78,9 @@ def test_read_folder(tmp_path):
     adata = _adata(4)
     (tmp_path / "images").mkdir()
     for s in ("a", "b"):
-        Image.fromarray(adata.uns["spatial"][s].pop("images")["hires"]).save(tmp_path / "images" / f"{s}.png")
+        Image.fromarray(adata.uns["spatial"][s].pop("images")["hires"]).save(
+            tmp_path / "images" / f"{s}.png"
+        )
         adata.uns["spatial"][s]["image_file"] = f"images/{s}.png"
     adata.uns["spatial"]["c"] = {"image_file": "images/c.png", "scalefactors": {}}
     adata.write_h5ad(tmp_path / "study.h5ad")
@@ -108,7 +117,9 @@ def test_file_source_regions_tiff_pyramid_and_jpeg(tmp_path):
 
 def test_her2st_folder_reader():
     env = os.environ.get("HISTOVI_SHARED_DATA")
-    folder = (Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data") / "her2st"
+    folder = (
+        Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    ) / "her2st"
     if not (folder / "her2st_dev.h5ad").exists():
         pytest.skip(f"her2st data not found at {folder}")
     adata = read_folder(folder)

@@ -95,10 +95,15 @@ def test_border_outside_and_background_tiles():
     adata = ad.AnnData(np.zeros((5, 1), np.float32))
     adata.obs["sample"] = "s1"
     # centre, at the left border (half the tile outside), outside, on glass, black corner
-    adata.obsm["spatial"] = np.array([[300, 300], [1, 300], [-80, 300], [520, 300], [40, 40]], float)
+    adata.obsm["spatial"] = np.array(
+        [[300, 300], [1, 300], [-80, 300], [520, 300], [40, 40]], float
+    )
     img[:40, :40] = 0  # masked black background (as in her2st A1/A2)
     adata.uns["spatial"] = {
-        "s1": {"images": {"hires": img}, "scalefactors": {"tissue_hires_scalef": 0.5, "um_per_px_fullres": 1.0}}
+        "s1": {
+            "images": {"hires": img},
+            "scalefactors": {"tissue_hires_scalef": 0.5, "um_per_px_fullres": 1.0},
+        }
     }
     embed_morphology(adata, **FAST)
     valid = adata.obs["morphology_valid"].to_numpy()
@@ -124,8 +129,13 @@ def test_missing_image_gives_nan_rows_and_warning(he_adata):
 
 def test_no_image_at_all_is_refused(he_adata):
     adata = _fresh(he_adata)
-    adata.uns["spatial"] = {k: {"scalefactors": v["scalefactors"]} for k, v in adata.uns["spatial"].items()}
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no section has a usable image"):
+    adata.uns["spatial"] = {
+        k: {"scalefactors": v["scalefactors"]} for k, v in adata.uns["spatial"].items()
+    }
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match="no section has a usable image"),
+    ):
         embed_morphology(adata, **FAST)
 
 
@@ -154,7 +164,9 @@ def test_local_weights_file_loads_identically(he_adata, tmp_path):
     kw = {"transform": _small_transform(), "device": "cpu", **FAST}
     a1 = embed_morphology(adata, model, copy=True, **kw)
     a2 = embed_morphology(adata, "test_convnext", checkpoint_path=path, copy=True, **kw)
-    np.testing.assert_allclose(a1.obsm["X_morphology"], a2.obsm["X_morphology"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        a1.obsm["X_morphology"], a2.obsm["X_morphology"], rtol=1e-5, atol=1e-6
+    )
     assert a2.uns["histovi"]["morphology"]["weights_sha256"] != "none"
     # a bare .safetensors file with the architecture in config.json beside it: no network
     from safetensors.torch import save_file
@@ -164,7 +176,9 @@ def test_local_weights_file_loads_identically(he_adata, tmp_path):
     save_file(model.state_dict(), folder / "model.safetensors")
     (folder / "config.json").write_text('{"architecture": "test_convnext", "num_classes": 0}')
     a3 = embed_morphology(adata, str(folder / "model.safetensors"), copy=True, **kw)
-    np.testing.assert_allclose(a1.obsm["X_morphology"], a3.obsm["X_morphology"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        a1.obsm["X_morphology"], a3.obsm["X_morphology"], rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="checkpoint_path"):
         torch.save(model.state_dict(), tmp_path / "bare.pth")
         embed_morphology(adata, str(tmp_path / "bare.pth"), copy=True, **kw)
@@ -186,10 +200,16 @@ def test_query_reuses_reference_settings(he_adata, tmp_path, method):
     ref_disk = ad.read_h5ad(tmp_path / "ref.h5ad")
     query = _fresh(he_adata)
     embed_morphology(query, reference=ref_disk, progress=False)
-    np.testing.assert_allclose(query.obsm["X_morphology"], ref.obsm["X_morphology"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        query.obsm["X_morphology"], ref.obsm["X_morphology"], rtol=1e-4, atol=1e-4
+    )
     # settings that differ from the reference are refused, naming the argument
-    for bad in ({"tile_size_um": 80.0}, {"target_mpp": 1.0}, {"n_components": 3},
-                {"stain_normalization": "reinhard" if method == "macenko" else "macenko"}):
+    for bad in (
+        {"tile_size_um": 80.0},
+        {"target_mpp": 1.0},
+        {"n_components": 3},
+        {"stain_normalization": "reinhard" if method == "macenko" else "macenko"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             embed_morphology(_fresh(he_adata), reference=rec, progress=False, **bad)
 
@@ -205,10 +225,21 @@ def test_query_with_different_weights_is_refused(he_adata):
     torch.manual_seed(1)
     m2 = timm.create_model("test_convnext", pretrained=False, num_classes=0)
     with pytest.raises(ValueError, match="weights"):
-        embed_morphology(small.copy(), m2, reference=small, transform=_small_transform(), device="cpu", progress=False)
+        embed_morphology(
+            small.copy(),
+            m2,
+            reference=small,
+            transform=_small_transform(),
+            device="cpu",
+            progress=False,
+        )
     q = small.copy()
-    embed_morphology(q, m1, reference=small, transform=_small_transform(), device="cpu", progress=False)
-    np.testing.assert_allclose(q.obsm["X_morphology"], small.obsm["X_morphology"], rtol=1e-5, atol=1e-6)
+    embed_morphology(
+        q, m1, reference=small, transform=_small_transform(), device="cpu", progress=False
+    )
+    np.testing.assert_allclose(
+        q.obsm["X_morphology"], small.obsm["X_morphology"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_spatialdata_input_matches_anndata(he_adata):
@@ -219,7 +250,9 @@ def test_spatialdata_input_matches_anndata(he_adata):
     sdata = to_spatialdata(_fresh(he_adata))
     embed_morphology(sdata, **FAST)
     table = sdata.tables["table"]
-    np.testing.assert_allclose(table.obsm["X_morphology"], adata.obsm["X_morphology"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        table.obsm["X_morphology"], adata.obsm["X_morphology"], rtol=1e-4, atol=1e-5
+    )
     assert table.obs["morphology_valid"].all()
 
 
@@ -244,7 +277,9 @@ def test_image_file_layout_png_and_tiff(he_adata, tmp_path):
             name = f"images/{s}.tif"
         files.uns["spatial"][s] = {"image_file": name, "scalefactors": dict(entry["scalefactors"])}
     embed_morphology(files, image_dir=tmp_path, **FAST)
-    np.testing.assert_allclose(files.obsm["X_morphology"], adata.obsm["X_morphology"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        files.obsm["X_morphology"], adata.obsm["X_morphology"], rtol=1e-5, atol=1e-6
+    )
     # without image_dir the relative files are not found: warned and NaN, not a crash
     cwd = os.getcwd()
     try:
@@ -294,15 +329,26 @@ def test_her2st_tiles_land_on_tissue():
     obs = full.obs.loc[keep, ["sample"]].copy()
     idx = np.flatnonzero(keep)
     rng = np.random.default_rng(0)
-    pick = np.sort(np.concatenate([rng.choice(idx[obs["sample"].to_numpy() == s], 100, replace=False) for s in ("A1", "B4")]))
-    adata = ad.AnnData(np.zeros((pick.size, 1), np.float32), obs=full.obs.iloc[pick][["sample"]].copy())
+    pick = np.sort(
+        np.concatenate(
+            [
+                rng.choice(idx[obs["sample"].to_numpy() == s], 100, replace=False)
+                for s in ("A1", "B4")
+            ]
+        )
+    )
+    adata = ad.AnnData(
+        np.zeros((pick.size, 1), np.float32), obs=full.obs.iloc[pick][["sample"]].copy()
+    )
     adata.obs["sample"] = adata.obs["sample"].astype(str)
     adata.obsm["spatial"] = np.asarray(full.obsm["spatial"][pick])
     adata.uns["spatial"] = {s: full.uns["spatial"][s] for s in ("A1", "B4")}
     full.file.close()
     # the same spots moved to the image corner (off tissue): black mask (A1) or glass (B4)
     off = adata.copy()
-    off.obsm["spatial"] = np.full_like(adata.obsm["spatial"], 120.0) + rng.uniform(0, 60, adata.obsm["spatial"].shape)
+    off.obsm["spatial"] = np.full_like(adata.obsm["spatial"], 120.0) + rng.uniform(
+        0, 60, adata.obsm["spatial"].shape
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # 3 µm/px: B4 (1.4 µm/px JPEG) is decoded at half scale, A1 (3.2 µm/px) as is

@@ -29,8 +29,14 @@ def study():
     """Reference = patient P1 (2 sections), query = patient P2 (2 new sections), no query
     neighbours (prepare_query_anndata computes them)."""
     adata = histovi.datasets.simulate(
-        n_patients=2, n_sections_per_patient=2, grid_size=(10, 10), n_genes=150, n_markers=10,
-        morphology_dim=8, sections_without_image=0, seed=2,
+        n_patients=2,
+        n_sections_per_patient=2,
+        grid_size=(10, 10),
+        n_genes=150,
+        n_markers=10,
+        morphology_dim=8,
+        sections_without_image=0,
+        seed=2,
     )
     is_q = (adata.obs["patient"] == "P2").to_numpy()
     ref, query = adata[~is_q].copy(), adata[is_q].copy()
@@ -112,9 +118,11 @@ def test_gene_alignment_values(study, reference):
     extra = rng.poisson(3, size=(query.n_obs, 3)).astype(np.float32)
     counts = sp.hstack([sub.layers["counts"], sp.csr_matrix(extra)]).tocsr()
     q = ad.AnnData(
-        X=counts, obs=query.obs.copy(),
+        X=counts,
+        obs=query.obs.copy(),
         var=pd.DataFrame(index=[*sub.var_names, "NEW1", "NEW2", "NEW3"]),
-        obsm={k: v.copy() for k, v in query.obsm.items()}, uns=dict(query.uns),
+        obsm={k: v.copy() for k, v in query.obsm.items()},
+        uns=dict(query.uns),
     )
     q.layers["counts"] = counts
     with pytest.warns(UserWarning, match="7 of the reference's 150 genes are missing"):
@@ -124,7 +132,9 @@ def test_gene_alignment_values(study, reference):
     got = prepared.layers["counts"].toarray()
     want = query.layers["counts"].toarray()
     present = ref_genes.isin(q.var_names)
-    np.testing.assert_array_equal(got[:, present], want[:, query.var_names.get_indexer(ref_genes[present])])
+    np.testing.assert_array_equal(
+        got[:, present], want[:, query.var_names.get_indexer(ref_genes[present])]
+    )
     assert (got[:, ~present] == 0).all()
     assert q.n_vars == 146  # the user's query keeps its own genes
 
@@ -191,12 +201,15 @@ def test_reference_from_saved_folder(study, reference, tmp_path, monkeypatch):
     prepared_mem, qmodel_mem = _map(query, reference, epochs=3, seed=4)
     prepared_disk, qmodel_disk = _map(query, str(path), epochs=3, seed=4)
     # the folder holds everything query mapping needs: same layout, same query latent
-    np.testing.assert_array_equal(prepared_disk.layers["counts"].toarray(),
-                                  prepared_mem.layers["counts"].toarray())
-    np.testing.assert_array_equal(prepared_disk.obsm["spatial_neighbors"],
-                                  prepared_mem.obsm["spatial_neighbors"])
-    np.testing.assert_array_equal(qmodel_disk.get_latent_representation(),
-                                  qmodel_mem.get_latent_representation())
+    np.testing.assert_array_equal(
+        prepared_disk.layers["counts"].toarray(), prepared_mem.layers["counts"].toarray()
+    )
+    np.testing.assert_array_equal(
+        prepared_disk.obsm["spatial_neighbors"], prepared_mem.obsm["spatial_neighbors"]
+    )
+    np.testing.assert_array_equal(
+        qmodel_disk.get_latent_representation(), qmodel_mem.get_latent_representation()
+    )
     # the saved record still refuses a query embedded with another encoder
     q = query.copy()
     q.uns.setdefault("histovi", {})["morphology"] = {"encoder": "resnet50"}

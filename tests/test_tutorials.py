@@ -20,10 +20,19 @@ def _execute(name: str, tmp_path: Path, timeout: int = 900) -> None:
     shutil.copyfile(src, work)
     try:
         nb = nbformat.read(work, as_version=4)
-        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(TUTORIALS)}}).execute()
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                  if o.get("output_type") == "error"]
+        nbclient.NotebookClient(
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(TUTORIALS)}},
+        ).execute()
+        errors = [
+            o
+            for c in nb.cells
+            if c.cell_type == "code"
+            for o in c.get("outputs", [])
+            if o.get("output_type") == "error"
+        ]
         assert not errors, errors
     finally:
         work.unlink(missing_ok=True)
@@ -35,11 +44,15 @@ def test_tutorials_are_committed_executed():
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells"
-        assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", [])), path.name
+        assert not any(
+            o.get("output_type") == "error" for c in code for o in c.get("outputs", [])
+        ), path.name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "morphology.ipynb", "reference_mapping.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.ipynb", "morphology.ipynb", "reference_mapping.ipynb"]
+)
 def test_tutorial_runs(name, tmp_path):
     _execute(name, tmp_path)
 

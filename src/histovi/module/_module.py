@@ -288,16 +288,18 @@ class HistoVAE(BaseModuleClass):
             )
         return out
 
+    def _other_samples(self, batch: torch.Tensor) -> torch.Tensor:
+        """A random sample code different from each spot's own (uniform over the others)."""
+        shift = torch.randint_like(batch, 1, self.n_batch)
+        return torch.remainder(batch + shift, self.n_batch)
+
     def _cycle_loss(self, tensors, inference_outputs):
         """Latent cycle consistency (as sysVI): decode each spot's z in another, random sample,
         re-encode the expected counts with that sample's covariates, and ask for the same z.
         The encoder then has to remove exactly the sample effect that the decoder adds, without
         forcing samples with different tissue compositions onto each other."""
         cat_list, cont = self._covariates(tensors)
-        batch = cat_list[0]
-        shift = torch.randint_like(batch, 1, self.n_batch)
-        other = torch.remainder(batch + shift, self.n_batch)
-        cat_other = [other] + list(cat_list[1:])
+        cat_other = [self._other_samples(cat_list[0])] + list(cat_list[1:])
         z = inference_outputs["z"]
         library = inference_outputs["library"]
         z_in = z if cont is None else torch.cat([z, cont], dim=-1)
