@@ -32,7 +32,9 @@ HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI": {},
     "HistoVI-noMorph": {"use_morphology": False},
     "HistoVI-noNiche": {"use_niche": False},
-    "HistoVI-noAlign": {"alignment_weight": 0.0},
+    "HistoVI-noAlign": {"cycle_weight": 0.0, "alignment_weight": 0.0},
+    # the alignment terms that were measured and not chosen as the default
+    "HistoVI-adversarial": {"cycle_weight": 0.0, "alignment_weight": 20.0},
     # an expression-embedding view (obsm['X_fm'], see _data.py) beside the counts
     "HistoVI+FM": {"embeddings": {"fm": "X_fm"}},
 }

@@ -38,7 +38,7 @@ def test_train_latent_and_outputs(small_adata):
     assert z.shape == (small_adata.n_obs, 4)
     assert np.isfinite(z).all()
     history = model.history
-    for key in ("elbo_train", "reconstruction_loss_train", "adversarial_ce_train"):
+    for key in ("elbo_train", "reconstruction_loss_train", "cycle_train"):
         assert key in history
     # subset by indices = the same rows of the full latent
     idx = np.array([5, 0, 77])
@@ -53,14 +53,17 @@ def test_every_view_switch(small_adata):
     for kwargs in (
         {"use_morphology": False},
         {"use_niche": False},
-        {"alignment_weight": 0.0},
+        {"cycle_weight": 0.0},
+        {"cycle_weight": 0.0, "alignment_weight": 20.0},
+        {"anchor_weight": 5.0},
     ):
         model = HistoVI(small_adata, n_latent=3, n_hidden=16, **kwargs)
         model.train(max_epochs=1, **{k: v for k, v in TRAIN.items() if k != "max_epochs"})
         assert model.get_latent_representation().shape == (small_adata.n_obs, 3)
     assert "morphology" not in HistoVI(small_adata, use_morphology=False).module.view_names
     assert not HistoVI(small_adata, use_niche=False).module.use_niche
-    assert HistoVI(small_adata, alignment_weight=0).module.batch_classifier is None
+    assert HistoVI(small_adata).module.batch_classifier is None  # the adversary is opt-in
+    assert HistoVI(small_adata, alignment_weight=20).module.batch_classifier is not None
 
 
 def test_same_seed_same_latent(small_adata):

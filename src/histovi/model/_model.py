@@ -74,11 +74,22 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         Reconstruct each spot's neighbourhood counts (needs ``neighbors_key`` at setup).
     niche_weight
         Weight of the neighbourhood reconstruction, per neighbour.
+    cycle_weight
+        Weight of the latent cycle-consistency term (as in sysVI): each spot's latent is decoded
+        as if it came from another, random sample, re-encoded with that sample's covariates and
+        asked to land on the same latent. It removes what the decoder explains as sample effect
+        without forcing samples with different tissue compositions onto each other. The default
+        alignment (see benchmarks/README.md for the measurements behind it).
     alignment_weight
-        Weight of the adversarial sample classifier on the latent (0 turns alignment off).
-        20 was chosen on the simulator (patient effects of 0.7 log-fold sd: ARI 0.40 at 5,
-        0.67 at 10, 0.74 at 20, 0.65 at 50 with one section collapsing) and agrees with the
-        design probe on her2st; see benchmarks/README.md.
+        Weight of an adversarial sample classifier on the latent (gradient reversal); 0 (default)
+        turns it off. It aligns the samples' *whole* latent distributions, so on studies whose
+        patients differ in tissue composition it over-mixes (her2st: ARI 0.26 alone, 0.10-0.13
+        together with the cycle term, patients fully mixed); it helps on the simulator, whose
+        patients share most domains.
+    anchor_weight
+        Weight of a pull towards mutual nearest neighbours in other samples (MNN anchors,
+        recomputed every epoch after the first 20 %, as in STAligner); 0 (default) turns it off.
+        Measured on her2st it over-mixes patients as the adversary does.
     view_dropout
         Share of spots whose morphology / embedding views are hidden from the encoder at each
         training step (they are still reconstructed): spots and samples without an image then
@@ -109,7 +120,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         use_embeddings: bool = True,
         use_niche: bool = True,
         niche_weight: float = 1.0,
-        alignment_weight: float = 20.0,
+        cycle_weight: float = 5.0,
+        alignment_weight: float = 0.0,
+        anchor_weight: float = 0.0,
         view_dropout: float = 0.3,
         **module_kwargs,
     ):
@@ -164,7 +177,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             use_niche=use_niche and has_neighbors,
             niche_weight=niche_weight,
             n_neighbors=n_neighbors,
+            cycle_weight=cycle_weight,
             alignment_weight=alignment_weight,
+            anchor_weight=anchor_weight,
             view_dropout=view_dropout,
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
@@ -186,7 +201,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             f"HistoVI: n_latent={n_latent}, views=expression"
             + "".join(f"+{v}" for v in view_dims)
             + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
-            + f", alignment_weight={alignment_weight}, n_batch={self.summary_stats.n_batch}"
+            + f", cycle_weight={cycle_weight}, alignment_weight={alignment_weight}"
+            + (f", anchor_weight={anchor_weight}" if anchor_weight else "")
+            + f", n_batch={self.summary_stats.n_batch}"
         )
         self.init_params_ = self._get_init_params(locals())
 

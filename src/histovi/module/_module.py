@@ -13,8 +13,10 @@ The experts are fused as a product of Gaussian experts with the standard-normal 
 expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
 encoder and decoder, so that scArches can train new batch columns for a query.
 
-Alignment across samples: a batch classifier on z behind a gradient-reversal layer (adversarial
-training) pushes the encoders to remove what identifies the sample from z.
+Alignment across samples (each switchable, measured in benchmarks/): latent cycle consistency
+(default; decode in another sample, re-encode, same z), a sample classifier on z behind a
+gradient-reversal layer (adversarial), and a pull towards mutual nearest neighbours in other
+samples (anchors).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class GaussianViewDecoder(nn.Module):
 
 
 class HistoVAE(BaseModuleClass):
-    """Multi-view VAE with a niche decoder and adversarial sample alignment.
+    """Multi-view VAE with a niche decoder and alignment of samples (cycle consistency by default).
 
     Parameters
     ----------
@@ -96,7 +98,14 @@ class HistoVAE(BaseModuleClass):
     n_neighbors
         Number of spatial neighbours (k) the niche counts are summed over.
     alignment_weight
-        Weight of the adversarial sample classifier on z (0 turns alignment off).
+        Weight of the adversarial sample classifier on z (0 turns it off).
+    cycle_weight
+        Weight of the latent cycle-consistency term (0 turns it off).
+    anchor_weight
+        Weight of the pull towards mutual-nearest-neighbour anchors in other samples (needs
+        :class:`histovi.data._anchors.AnchorCallback` during training; 0 turns it off).
+    encode_covariates
+        Give the encoders the covariates (needed for scArches query columns in the encoders).
     view_dropout
         Share of spots whose embedding views are hidden from the encoder at each training step.
     n_cats_per_cov, n_continuous_cov
@@ -117,12 +126,12 @@ class HistoVAE(BaseModuleClass):
         use_niche: bool = True,
         niche_weight: float = 1.0,
         n_neighbors: int = 6,
-        alignment_weight: float = 20.0,
+        alignment_weight: float = 0.0,
         view_dropout: float = 0.3,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
         encode_covariates: bool = True,
-        cycle_weight: float = 0.0,
+        cycle_weight: float = 5.0,
         anchor_weight: float = 0.0,
     ):
         super().__init__()
