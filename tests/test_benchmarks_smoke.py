@@ -74,3 +74,17 @@ def test_isolated_worker_run_with_relative_out(tmp_path, monkeypatch):
     assert row["status"] == "ok", result["records"]["PCA"].get("error")
     assert row["n_seeds"] == 2 and row["peak_mb"] >= 0
     assert (tmp_path / "rel_out" / "sim_tiny" / "work" / "record_PCA.json").exists()
+
+
+def test_fm_variant_adds_the_expression_embedding_view():
+    import _data
+
+    adata = _data.load("sim_tiny")
+    assert adata.obsm[_data.FM_KEY].shape == (adata.n_obs, _data.FM_DIM)
+    ctx = _methods.Context(max_epochs=2)
+    z = _methods.histovi_variant(adata, 0, ctx, "HistoVI+FM")
+    assert z.shape == (adata.n_obs, _methods.N_LATENT) and np.isfinite(z).all()
+    assert "+fm" in ctx.info["settings"]  # the model summary lists the view
+    del adata.obsm[_data.FM_KEY]
+    with pytest.raises(KeyError, match="X_fm"):
+        _methods.histovi_variant(adata, 0, _methods.Context(max_epochs=2), "HistoVI+FM")
