@@ -484,13 +484,14 @@ def run(
     with_scvi: bool = True,
     with_head: bool = True,
     cache_dir: str | Path | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark, write ``<out>/<data>/table.md`` and ``results.json``."""
     import torch
 
     if any(int(e) < 1 for e in query_epochs):
         raise ValueError(f"--query-epochs {list(query_epochs)}: every value must be >= 1.")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)  # 1: several benchmarks share 2 cores (see README)
     cache = Path(cache_dir) if cache_dir else Path(__file__).resolve().parent / "results" / "cache"
     raw = load_raw(data, cache, seed=0)
     patients = sorted(raw.obs[PATIENT_KEY].unique())
@@ -580,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-scvi", action="store_true", help="skip scVI + scArches")
     parser.add_argument("--no-head", action="store_true", help="skip the MLP classifier head")
     parser.add_argument("--out", default="benchmarks/results/reference_mapping")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     run(
         args.data,
@@ -591,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.n_top_genes,
         not args.no_scvi,
         not args.no_head,
+        threads=args.threads,
     )
     return 0
 
