@@ -57,6 +57,24 @@ def patient_purity(z: np.ndarray, patients: np.ndarray, k: int, seed: int = 0) -
     return float((table.max(1) / table.sum(1)).mean())
 
 
+def _pair_scores(adata, z, name: str, seed: int) -> dict[str, float]:
+    """Simulator only: separation of the domain pairs that one view alone separates."""
+    if args_data_is_sim(adata):
+        import integration
+
+        rows = integration.pair_separation(adata, z, name, seed)
+        out = {}
+        for short, pair in (("morph_pair", "morphology-only"), ("niche_pair", "neighbourhood")):
+            vals = [r["pair_ARI"] for r in rows if r["pair"].startswith(pair)]
+            out[short] = float(np.mean(vals)) if vals else float("nan")
+        return out
+    return {}
+
+
+def args_data_is_sim(adata) -> bool:
+    return adata.uns.get("benchmark", {}).get("scenario", "") in _data.SIM_SCENARIOS
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +139,7 @@ def main(argv=None):
             "ARI_gmm": float(by.get("gmm", np.nan)),
             "ARI_kmeans": float(by.get("kmeans", np.nan)),
             "patient_purity": purity,
+            **_pair_scores(adata, z, text, args.seed),
             "seconds": time.perf_counter() - t0,
         }
         with open(out / "sweep.jsonl", "a") as fh:
@@ -128,7 +147,12 @@ def main(argv=None):
         print(
             f"| {row['data']} | {text} | {args.seed} | {args.epochs} | {row['ARI']:.3f} | "
             f"{row['NMI']:.3f} | {row['ARI_gmm']:.3f} | {row['ARI_kmeans']:.3f} | "
-            f"{purity:.2f} | {row['seconds']:.0f} |",
+            f"{purity:.2f} | {row['seconds']:.0f} |"
+            + (
+                f" pairs morph {row['morph_pair']:.2f} niche {row['niche_pair']:.2f}"
+                if "morph_pair" in row
+                else ""
+            ),
             flush=True,
         )
 

@@ -247,35 +247,46 @@ class HistoVAE(BaseModuleClass):
         x_in = torch.log1p(x)
         if cont is not None:
             x_in = torch.cat([x_in, cont], dim=-1)
-        enc_cats = cat_list if self.encode_covariates else []
-        mu_x, var_x, _ = self.z_encoder(x_in, *enc_cats)
-        precision = 1.0 + 1.0 / var_x
-        weighted_mean = mu_x / var_x
-        view_inputs = {}
+        view_inputs, encoder_masks = {}, {}
         for name in self.view_names:
             if views is None or name not in views:
                 continue
             values, mask = self._standardise_view(name, views[name])
             view_inputs[name] = (values, mask)
-            v_in = values if cont is None else torch.cat([values, cont], dim=-1)
-            mu_v, var_v, _ = self.view_encoders[name](v_in, *enc_cats)
             if self.training and self.view_dropout > 0:
                 # Hide the view from the encoder for a random share of spots (it is still
                 # reconstructed), so spots and whole samples without the view land in the
                 # same place as those with it instead of forming their own clusters.
                 keep = torch.rand_like(mask) >= self.view_dropout
                 mask = mask * keep
-            mask = mask.unsqueeze(-1)
-            precision = precision + mask / var_v
-            weighted_mean = weighted_mean + mask * mu_v / var_v
-        qz = Normal(weighted_mean / precision, precision.rsqrt())
+            encoder_masks[name] = mask
+        mean, precision = self._fuse(
+            x_in, {n: v for n, (v, _) in view_inputs.items()}, encoder_masks, cat_list, cont
+        )
+        qz = Normal(mean, precision.rsqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
         return {
             "z": z,
             "qz": qz,
             "library": library,
             "view_inputs": view_inputs,
+            "encoder_masks": encoder_masks,
         }
+
+    def _fuse(self, x_in, view_values, view_masks, cat_list, cont):
+        """Product of the Gaussian experts (prior, expression, each view where its mask is 1):
+        returns the posterior mean and precision."""
+        enc_cats = cat_list if self.encode_covariates else []
+        mu_x, var_x, _ = self.z_encoder(x_in, *enc_cats)
+        precision = 1.0 + 1.0 / var_x
+        weighted_mean = mu_x / var_x
+        for name, values in view_values.items():
+            v_in = values if cont is None else torch.cat([values, cont], dim=-1)
+            mu_v, var_v, _ = self.view_encoders[name](v_in, *enc_cats)
+            mask = view_masks[name].unsqueeze(-1)
+            precision = precision + mask / var_v
+            weighted_mean = weighted_mean + mask * mu_v / var_v
+        return weighted_mean / precision, precision
 
     @auto_move_data
     def generative(self, z, library, cat_list, cont=None, niche_library=None, transform_batch=None):
@@ -304,9 +315,10 @@ class HistoVAE(BaseModuleClass):
 
     def _cycle_loss(self, tensors, inference_outputs):
         """Latent cycle consistency (as sysVI): decode each spot's z in another, random sample,
-        re-encode the expected counts with that sample's covariates, and ask for the same z.
-        The encoder then has to remove exactly the sample effect that the decoder adds, without
-        forcing samples with different tissue compositions onto each other."""
+        re-encode the expected counts and view embeddings with that sample's covariates (the
+        same experts as the spot's own posterior), and ask for the same posterior mean. The
+        encoders then remove exactly the sample effect that the decoders add, without forcing
+        samples with different tissue compositions onto each other."""
         cat_list, cont = self._covariates(tensors)
         cat_other = [self._other_samples(cat_list[0])] + list(cat_list[1:])
         z = inference_outputs["z"]
@@ -316,10 +328,10 @@ class HistoVAE(BaseModuleClass):
         x_in = torch.log1p(rate)
         if cont is not None:
             x_in = torch.cat([x_in, cont], dim=-1)
-        enc_cats = cat_other if self.encode_covariates else []
-        mu_cycle, _, _ = self.z_encoder(x_in, *enc_cats)
-        mu = inference_outputs["qz"].loc
-        return ((mu - mu_cycle) ** 2).sum(-1).mean()
+        masks = inference_outputs.get("encoder_masks", {})
+        views = {name: self.view_decoders[name](z_in, *cat_other).loc for name in masks}
+        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont)
+        return ((inference_outputs["qz"].loc - mu_cycle) ** 2).sum(-1).mean()
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
