@@ -76,8 +76,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         Weight of the neighbourhood reconstruction, per neighbour.
     cycle_weight
         Weight of the latent cycle-consistency term (as in sysVI): each spot's latent is decoded
-        as if it came from another, random sample, re-encoded with that sample's covariates and
-        asked to land on the same latent. It removes what the decoder explains as sample effect
+        (expression and every embedding view) as if it came from another, random sample,
+        re-encoded with that sample's covariates and asked to land on the same latent. It removes what the decoder explains as sample effect
         without forcing samples with different tissue compositions onto each other. The default
         alignment (see benchmarks/README.md for the measurements behind it).
     alignment_weight
