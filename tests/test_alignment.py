@@ -140,3 +140,12 @@ def test_simulated_expression_embedding_leaves_the_rest_unchanged(dim):
         np.testing.assert_array_equal(with_fm.obsm["X_fm"], again.obsm["X_fm"])
     else:
         assert "X_fm" not in with_fm.obsm
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"cycle_weight": -1.0}, {"anchor_weight": float("nan")}, {"view_dropout": 1.5}]
+)
+def test_bad_weights_are_refused_by_name(small_adata, kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        _model(small_adata, **kwargs)

@@ -129,6 +129,16 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         super().__init__(adata)
         if adata is None:
             raise ValueError("HistoVI needs a registered AnnData: HistoVI(adata).")
+        for name, value in (
+            ("cycle_weight", cycle_weight),
+            ("alignment_weight", alignment_weight),
+            ("anchor_weight", anchor_weight),
+            ("niche_weight", niche_weight),
+        ):
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r}: pass a finite weight >= 0 (0 turns it off).")
+        if not 0 <= view_dropout <= 1:
+            raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
         setup = self.adata_manager.registry["setup_args"]
         views = self._registered_views()
         if not use_morphology:
