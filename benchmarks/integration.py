@@ -510,18 +510,17 @@ def figures(
     view.uns["spatial"] = adata.uns.get("spatial", {})
     gt = labels.astype(object).copy()
     gt[~mask] = "NA"
-    view.obs["domain"] = pd.Categorical(gt.astype(str))
     img_root = _data.her2st_dir() if data_name == "her2st" else None
-    fig = histovi.pl.domains(
-        view,
-        color="domain",
-        samples=shown,
-        img_root=img_root,
-        title=f"{data_name}: ground truth",
-        save=out / "domains_truth.png",
-    )
-    plt.close(fig)
-    written.append("domains_truth.png")
+
+    def draw(domains, title: str, name: str) -> None:
+        view.obs["domain"] = pd.Categorical(domains)
+        fig = histovi.pl.domains(
+            view, color="domain", samples=shown, img_root=img_root, title=title, save=out / name
+        )
+        plt.close(fig)
+        written.append(name)
+
+    draw(gt.astype(str), f"{data_name}: ground truth", "domains_truth.png")
     for method in methods:
         p = per[per["embedding"] == method]
         if p.empty:
@@ -530,18 +529,11 @@ def figures(
         clusters = histovi.tl.cluster_embedding(
             embeddings[(method, best)], k, "gmm", random_state=best
         )
-        view.obs["domain"] = pd.Categorical(_relabel(clusters, labels, mask))
-        name = f"domains_{_safe(method)}.png"
-        fig = histovi.pl.domains(
-            view,
-            color="domain",
-            samples=shown,
-            img_root=img_root,
-            title=f"{data_name}: {method}, GMM, seed {best}",
-            save=out / name,
+        draw(
+            _relabel(clusters, labels, mask),
+            f"{data_name}: {method}, GMM, seed {best}",
+            f"domains_{_safe(method)}.png",
         )
-        plt.close(fig)
-        written.append(name)
     return written
 
 

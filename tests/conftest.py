@@ -23,20 +23,23 @@ def her2st_dir() -> Path:
     return path
 
 
+#: The tiny study of the unit tests (the seed is chosen by each fixture).
+TINY_STUDY = {
+    "n_patients": 2,
+    "n_sections_per_patient": 2,
+    "grid_size": (10, 10),
+    "n_genes": 150,
+    "n_markers": 10,
+    "morphology_dim": 8,
+    "sections_without_image": 0,
+}
+
+
 @pytest.fixture
 def small_adata():
     """A tiny simulated study: 2 patients x 2 sections, 10x10 spots, 120 genes, neighbours."""
     import histovi
 
-    adata = histovi.datasets.simulate(
-        n_patients=2,
-        n_sections_per_patient=2,
-        grid_size=(10, 10),
-        n_genes=150,
-        n_markers=10,
-        morphology_dim=8,
-        sections_without_image=0,
-        seed=1,
-    )
+    adata = histovi.datasets.simulate(**TINY_STUDY, seed=1)
     histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=6)
     return adata

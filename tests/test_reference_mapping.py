@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+from conftest import TINY_STUDY
 
 import histovi
 from histovi import HistoVI
@@ -28,16 +29,7 @@ SETUP = {
 def study():
     """Reference = patient P1 (2 sections), query = patient P2 (2 new sections), no query
     neighbours (prepare_query_anndata computes them)."""
-    adata = histovi.datasets.simulate(
-        n_patients=2,
-        n_sections_per_patient=2,
-        grid_size=(10, 10),
-        n_genes=150,
-        n_markers=10,
-        morphology_dim=8,
-        sections_without_image=0,
-        seed=2,
-    )
+    adata = histovi.datasets.simulate(**TINY_STUDY, seed=2)
     is_q = (adata.obs["patient"] == "P2").to_numpy()
     ref, query = adata[~is_q].copy(), adata[is_q].copy()
     histovi.pp.spatial_neighbors(ref, sample_key="sample", n_neighbors=6)
