@@ -34,7 +34,7 @@ from .._validation import (
     require_obsm,
 )
 from ..data._anchors import AnchorCallback
-from ..data._loader import NeighborhoodDataSplitter
+from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
 
     _module_cls = HistoVAE
     _data_splitter_cls = NeighborhoodDataSplitter
+    # Inference loads the neighbours too (the niche encoder expert needs their counts).
+    _data_loader_cls = NeighborhoodDataLoader
 
     def __init__(
         self,

@@ -7,7 +7,9 @@ Views of a spot and how they enter the model:
   and a Gaussian decoder p(m | z, s); a spot without a view (mask 0) simply lacks that expert
   and that reconstruction term;
 * the spatial neighbourhood: a negative-binomial decoder of the summed counts of the spot's
-  neighbours (the niche), which makes z describe the spot's surroundings as well as the spot.
+  neighbours (the niche), which makes z describe the spot's surroundings as well as the spot;
+  optionally (``niche_encoder``) also an encoder expert q(z | mean neighbour counts, s), so that
+  z can *see* the neighbourhood and not only be asked to predict it from the spot alone.
 
 The experts are fused as a product of Gaussian experts with the standard-normal prior as one
 expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
@@ -108,6 +110,9 @@ class HistoVAE(BaseModuleClass):
         Give the encoders the covariates (needed for scArches query columns in the encoders).
     view_dropout
         Share of spots whose embedding views are hidden from the encoder at each training step.
+    niche_encoder
+        Add an encoder expert on the mean counts of the spot's spatial neighbours (needs the
+        neighbour graph at inference as well; the loader gathers it).
     n_cats_per_cov, n_continuous_cov
         Extra categorical and continuous covariates.
     """
@@ -133,6 +138,7 @@ class HistoVAE(BaseModuleClass):
         encode_covariates: bool = True,
         cycle_weight: float = 5.0,
         anchor_weight: float = 0.0,
+        niche_encoder: bool = False,
     ):
         super().__init__()
         self.encode_covariates = encode_covariates
@@ -185,6 +191,11 @@ class HistoVAE(BaseModuleClass):
         if use_niche:
             self.niche_decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
             self.niche_r = nn.Parameter(torch.randn(n_input))
+        self.niche_encoder = (
+            Encoder(n_input + n_cont, n_latent, dropout_rate=dropout_rate, **enc)
+            if use_niche and niche_encoder
+            else None
+        )
 
         if alignment_weight > 0 and n_batch > 1:
             self.batch_classifier = nn.Sequential(
@@ -225,6 +236,7 @@ class HistoVAE(BaseModuleClass):
             "cat_list": cat_list,
             "cont": cont,
             "views": views,
+            "niche": tensors.get(NICHE_KEY) if self.niche_encoder is not None else None,
         }
 
     def _get_generative_input(self, tensors, inference_outputs):
@@ -241,12 +253,18 @@ class HistoVAE(BaseModuleClass):
         }
 
     @auto_move_data
-    def inference(self, x, cat_list, cont=None, views=None, n_samples: int = 1):
-        """q(z | x, views, s) as a product of Gaussian experts (prior included)."""
+    def inference(self, x, cat_list, cont=None, views=None, niche=None, n_samples: int = 1):
+        """q(z | x, views, niche, s) as a product of Gaussian experts (prior included)."""
         library = x.sum(-1, keepdim=True)
-        x_in = torch.log1p(x)
-        if cont is not None:
-            x_in = torch.cat([x_in, cont], dim=-1)
+        x_in = self._log_input(x, cont)
+        niche_in = None
+        if self.niche_encoder is not None:
+            if niche is None:
+                raise ValueError(
+                    "This model encodes the spatial neighbourhood (niche_encoder=True) and needs "
+                    "the neighbour counts: load data with histovi's NeighborhoodDataLoader."
+                )
+            niche_in = self._log_input(niche / self.n_neighbors, cont)
         view_inputs, encoder_masks = {}, {}
         for name in self.view_names:
             if views is None or name not in views:
@@ -261,7 +279,7 @@ class HistoVAE(BaseModuleClass):
                 mask = mask * keep
             encoder_masks[name] = mask
         mean, precision = self._fuse(
-            x_in, {n: v for n, (v, _) in view_inputs.items()}, encoder_masks, cat_list, cont
+            x_in, {n: v for n, (v, _) in view_inputs.items()}, encoder_masks, cat_list, cont, niche_in
         )
         qz = Normal(mean, precision.rsqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
@@ -273,13 +291,22 @@ class HistoVAE(BaseModuleClass):
             "encoder_masks": encoder_masks,
         }
 
-    def _fuse(self, x_in, view_values, view_masks, cat_list, cont):
-        """Product of the Gaussian experts (prior, expression, each view where its mask is 1):
-        returns the posterior mean and precision."""
+    @staticmethod
+    def _log_input(counts, cont):
+        out = torch.log1p(counts)
+        return out if cont is None else torch.cat([out, cont], dim=-1)
+
+    def _fuse(self, x_in, view_values, view_masks, cat_list, cont, niche_in=None):
+        """Product of the Gaussian experts (prior, expression, the niche if encoded, each view
+        where its mask is 1): returns the posterior mean and precision."""
         enc_cats = cat_list if self.encode_covariates else []
         mu_x, var_x, _ = self.z_encoder(x_in, *enc_cats)
         precision = 1.0 + 1.0 / var_x
         weighted_mean = mu_x / var_x
+        if niche_in is not None:
+            mu_n, var_n, _ = self.niche_encoder(niche_in, *enc_cats)
+            precision = precision + 1.0 / var_n
+            weighted_mean = weighted_mean + mu_n / var_n
         for name, values in view_values.items():
             v_in = values if cont is None else torch.cat([values, cont], dim=-1)
             mu_v, var_v, _ = self.view_encoders[name](v_in, *enc_cats)
@@ -325,12 +352,17 @@ class HistoVAE(BaseModuleClass):
         library = inference_outputs["library"]
         z_in = z if cont is None else torch.cat([z, cont], dim=-1)
         _, _, rate, _ = self.decoder("gene", z_in, torch.log(library), *cat_other)
-        x_in = torch.log1p(rate)
-        if cont is not None:
-            x_in = torch.cat([x_in, cont], dim=-1)
+        x_in = self._log_input(rate, cont)
+        niche_in = None
+        if self.niche_encoder is not None:
+            niche_library = tensors[NICHE_KEY].sum(-1, keepdim=True).clamp(min=1.0)
+            _, _, niche_rate, _ = self.niche_decoder(
+                "gene", z_in, torch.log(niche_library), *cat_other
+            )
+            niche_in = self._log_input(niche_rate / self.n_neighbors, cont)
         masks = inference_outputs.get("encoder_masks", {})
         views = {name: self.view_decoders[name](z_in, *cat_other).loc for name in masks}
-        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont)
+        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont, niche_in)
         return ((inference_outputs["qz"].loc - mu_cycle) ** 2).sum(-1).mean()
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
