@@ -279,7 +279,12 @@ class HistoVAE(BaseModuleClass):
                 mask = mask * keep
             encoder_masks[name] = mask
         mean, precision = self._fuse(
-            x_in, {n: v for n, (v, _) in view_inputs.items()}, encoder_masks, cat_list, cont, niche_in
+            x_in,
+            {n: v for n, (v, _) in view_inputs.items()},
+            encoder_masks,
+            cat_list,
+            cont,
+            niche_in,
         )
         qz = Normal(mean, precision.rsqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
