@@ -94,6 +94,13 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         Share of spots whose morphology / embedding views are hidden from the encoder at each
         training step (they are still reconstructed): spots and samples without an image then
         embed like those with one (modality dropout, as in multimodal VAEs).
+    **module_kwargs
+        Passed to :class:`~histovi.module.HistoVAE`, e.g. ``encode_covariates=False`` or
+        ``niche_encoder=True``: an encoder expert on the mean counts of the spot's spatial
+        neighbours, so that the latent sees the neighbourhood instead of only being asked to
+        predict it. Opt-in: in the integration benchmark (30 epochs, seeds 0-2) it changed
+        neither the simulator's ARI (0.78 ± 0.05 vs 0.75 ± 0.02) nor her2st's beyond the
+        seed-to-seed spread, and did not separate the simulator's neighbourhood-only domain pair.
 
     Examples
     --------
