@@ -189,3 +189,11 @@ def test_niche_encoder_without_neighbour_counts_says_how_to_load(small_adata):
     inputs["niche"] = None
     with pytest.raises(ValueError, match="NeighborhoodDataLoader"):
         model.module.inference(**inputs)
+
+
+def test_niche_encoder_needs_the_neighbour_graph(small_adata):
+    HistoVI.setup_anndata(small_adata, layer="counts", batch_key="sample")
+    with pytest.raises(ValueError, match="neighbors_key"):
+        HistoVI(small_adata, niche_encoder=True)
+    with pytest.raises(ValueError, match="use_niche"):
+        _model(small_adata, niche_encoder=True, use_niche=False)

@@ -172,6 +172,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         has_neighbors = NEIGHBORS_REGISTRY_KEY in self.adata_manager.data_registry
         if use_niche and not has_neighbors:
             logger.info("No neighbors_key registered: training without the neighbourhood view.")
+        if module_kwargs.get("niche_encoder") and not (use_niche and has_neighbors):
+            raise ValueError(
+                "niche_encoder=True encodes the spatial neighbourhood: it needs use_niche=True and "
+                "a neighbour graph registered with setup_anndata(..., neighbors_key=...) (compute "
+                "it with histovi.pp.spatial_neighbors)."
+            )
         n_neighbors = (
             self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1]
             if has_neighbors
