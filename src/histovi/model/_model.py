@@ -646,24 +646,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         return query
 
     @classmethod
-    def load_query_data(
-        cls,
-        adata: AnnData,
-        reference_model: HistoVI | str,
-        train_encoders: bool = False,
-        **kwargs,
-    ) -> HistoVI:
+    def load_query_data(cls, adata: AnnData, reference_model: HistoVI | str, **kwargs) -> HistoVI:
         """Map a query into a trained reference (scArches).
 
         Only the columns of the covariate one-hot inputs that belong to the query's new categories
         train; every reference weight, including the reference's covariate columns, is frozen,
         so the reference's latent is unchanged bit for bit. Run :meth:`prepare_query_anndata` first.
-
-        ``train_encoders=True`` also fine-tunes the encoders on the query while every decoder
-        stays frozen (the decoders define what a latent position means, so the query still lands
-        in the reference's space). The reference model is untouched, but the query model's own
-        latent of reference spots then differs from the reference's: take reference latents from
-        the reference model.
         """
         ref = _ReferenceInfo(reference_model)
         record = ref.record
@@ -676,8 +664,6 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         _check_view_records(adata, record)
         model = super().load_query_data(adata, reference_model, **kwargs)
         _restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
-        if train_encoders:
-            _unfreeze_encoders(model.module)
         # The adversary was trained on the reference batches only; aligning a lone query batch
         # against frozen reference batches is not what it learnt, so it is off for queries.
         model.module.alignment_weight = 0.0
@@ -771,21 +757,6 @@ def _check_view_records(query: AnnData, record: dict) -> None:
                 f"used {ref[field]!r}: re-embed the query with histovi.pp.embed_morphology(query, "
                 "reference=reference_adata) so both use the same encoder and settings."
             )
-
-
-def _unfreeze_encoders(module) -> None:
-    """Let every encoder weight train (decoders stay frozen)."""
-    encoders = [module.z_encoder, *module.view_encoders.values()]
-    if getattr(module, "niche_encoder", None) is not None:
-        encoders.append(module.niche_encoder)
-    for encoder in encoders:
-        for mod in encoder.modules():
-            for h in getattr(mod, "hooks", []) if isinstance(mod, FCLayers) else []:
-                h.remove()
-            if isinstance(mod, FCLayers):
-                mod.hooks = []
-        for p in encoder.parameters():
-            p.requires_grad_(True)
 
 
 def _restore_covariate_columns(module, ref_state: dict, ref_cats: list[int]) -> None:
