@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -783,6 +784,49 @@ def rebuild_report(out_dir: str | os.PathLike) -> str:
     return md
 
 
+def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, data: str) -> list[str]:
+    """Pool finished methods of runs split over processes or machines (one seed each, say).
+
+    Copies each source's ``<source>/<data>/work`` records and embeddings into ``out/<data>/work``,
+    joining the seeds of one method when every source ran it with the same epochs, settings and
+    data; :func:`run_benchmark` with ``reuse=True`` and the pooled seeds then only scores them.
+    Returns the merged method names.
+    """
+    work = Path(out).resolve() / data / "work"
+    (work / "embeddings").mkdir(parents=True, exist_ok=True)
+    merged: dict[str, dict] = {}
+    for source in sources:
+        src = Path(source).resolve() / data / "work"
+        if not src.is_dir():
+            raise FileNotFoundError(f"--merge {source}: no {src} (was it run with --data {data}?)")
+        for path in sorted(src.glob("record_*.json")):
+            rec = json.loads(path.read_text())
+            if rec.get("status") != "ok":
+                continue
+            name = rec["method"]
+            for r in rec["runs"]:
+                emb = f"{_safe(name)}_seed{r['seed']}.npy"
+                shutil.copyfile(src / "embeddings" / emb, work / "embeddings" / emb)
+            if name not in merged:
+                merged[name] = rec
+                continue
+            have, key = merged[name], rec["key"]
+            same = {k: v for k, v in key.items() if k != "seeds"}
+            if same != {k: v for k, v in have["key"].items() if k != "seeds"}:
+                raise ValueError(
+                    f"--merge: {name} ran with different settings in {source} ({same}) than in "
+                    f"an earlier source ({have['key']}); merge only runs of one configuration."
+                )
+            seen = {r["seed"] for r in have["runs"]}
+            have["runs"] += [r for r in rec["runs"] if r["seed"] not in seen]
+            have["peak_mb"] = max(have.get("peak_mb", 0.0), rec.get("peak_mb", 0.0))
+    for name, rec in merged.items():
+        rec["runs"].sort(key=lambda r: r["seed"])
+        rec["key"]["seeds"] = [r["seed"] for r in rec["runs"]]
+        (work / f"record_{_safe(name)}.json").write_text(json.dumps(rec, default=str))
+    return list(merged)
+
+
 def _parse_variant(text: str) -> tuple[str, dict]:
     name, sep, spec = text.partition("=")
     if not sep or not name:
@@ -841,6 +885,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rebuild-report", metavar="DIR", help="only rewrite DIR/table.md from DIR/results.json"
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="pool the finished methods of earlier --out DIRs (e.g. one seed each) into --out, "
+        "then score them with --seeds (the pooled seeds) and --reuse",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -860,6 +911,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods: list[str] = []
     for m in args.methods:
         methods += groups.get(m, [m])
+    if args.merge:
+        merge_runs(args.merge, args.out, args.data)
     run_benchmark(
         args.data,
         methods,
@@ -870,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         histovi_variants=variants,
         make_figures=not args.no_figures,
         threads=args.threads or None,
-        reuse=args.reuse,
+        reuse=args.reuse or bool(args.merge),
     )
     return 0
 

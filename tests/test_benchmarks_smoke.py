@@ -88,3 +88,35 @@ def test_fm_variant_adds_the_expression_embedding_view():
     del adata.obsm[_data.FM_KEY]
     with pytest.raises(KeyError, match="X_fm"):
         _methods.histovi_variant(adata, 0, _methods.Context(max_epochs=2), "HistoVI+FM")
+
+
+def test_merge_pools_runs_split_by_seed(tmp_path):
+    """Seeds run in separate processes (or machines) pool into one table with every seed."""
+    single = {}
+    for seed in (0, 1):
+        res = integration.run_benchmark(
+            "sim_tiny", ["PCA"], seeds=[seed], out=tmp_path / f"s{seed}", in_process=True,
+            make_figures=False,
+        )
+        single[seed] = sorted((r["sample"], r["clustering"], r["ARI"]) for r in res["per_section"])
+    merged = integration.merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m", "sim_tiny")
+    assert merged == ["PCA"]
+    pooled = integration.run_benchmark(
+        "sim_tiny", ["PCA"], seeds=[0, 1], out=tmp_path / "m", in_process=True,
+        make_figures=False, reuse=True,
+    )
+    assert pooled["table"][0]["n_seeds"] == 2
+    for seed in (0, 1):  # the same embeddings, scored the same way
+        rows = sorted(
+            (r["sample"], r["clustering"], r["ARI"]) for r in pooled["per_section"]
+            if r["seed"] == seed
+        )
+        assert rows == single[seed]
+
+    # runs of another configuration are refused, not averaged together
+    record = tmp_path / "s1" / "sim_tiny" / "work" / "record_PCA.json"
+    rec = json.loads(record.read_text())
+    rec["key"]["max_epochs"] = 5
+    record.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="different settings"):
+        integration.merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "x", "sim_tiny")
