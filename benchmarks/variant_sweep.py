@@ -10,8 +10,9 @@ Lighter than ``integration.py`` (no peers, no scib-metrics); the numbers behind 
     python benchmarks/variant_sweep.py --data sim --epochs 40 --seed 0 \
         --variants scvi histovi:alignment_weight=0 histovi:alignment_weight=5 histovi:alignment_weight=20
 
-A variant is ``scvi`` or ``histovi[:key=value,...]`` (HistoVI keyword arguments). Results are
-appended to ``<out>/sweep.jsonl``.
+A variant is ``scvi`` or ``histovi[:key=value,...]`` (model keyword arguments; keys starting with
+``plan.`` go to the training plan, e.g. ``histovi:plan.n_epochs_kl_warmup=None`` trains with the
+full KL weight from the first epoch). Results are appended to ``<out>/sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _parse_variant(text: str) -> tuple[str, dict]:
         key, value = part.split("=")
         if value in ("True", "False"):
             kwargs[key] = value == "True"
+        elif value == "None":
+            kwargs[key] = None
         else:
             try:
                 kwargs[key] = float(value) if "." in value or "e" in value else int(value)
@@ -105,6 +108,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|")
     for text in args.variants:
         name, kwargs = _parse_variant(text)
+        plan_kwargs = {k[5:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("plan.")}
         scvi.settings.seed = args.seed
         t0 = time.perf_counter()
         if name == "scvi":
@@ -121,7 +125,12 @@ def main(argv=None):
             model = histovi.HistoVI(adata, **kwargs)
         else:
             raise SystemExit(f"unknown variant {text!r}: use scvi or histovi[:key=value,...]")
-        model.train(max_epochs=args.epochs, enable_progress_bar=False, enable_model_summary=False)
+        model.train(
+            max_epochs=args.epochs,
+            plan_kwargs=plan_kwargs,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         z = model.get_latent_representation()
         scores = cluster_and_score(
             z, labels.to_numpy(), adata.obs["sample"].to_numpy(), seeds=(0, 1, 2)
