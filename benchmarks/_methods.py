@@ -72,9 +72,11 @@ class Context:
 
 
 def default_max_epochs(n_obs: int) -> int:
-    """HistoVI's epoch rule (``HistoVI.train`` with ``max_epochs=None``), mirrored here so that
-    scVI trains for the same number of epochs: ``max(20, min(400, round(400 * 20000 / n)))``."""
-    return int(max(20, min(400, round(400 * 20_000 / n_obs))))
+    """HistoVI's epoch rule (``HistoVI.train`` with ``max_epochs=None``), so that scVI trains
+    for the same number of epochs."""
+    from histovi.model._model import default_max_epochs as rule
+
+    return rule(n_obs)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ Lighter than ``integration.py`` (no peers, no scib-metrics); the numbers behind 
 
 A variant is ``scvi`` or ``histovi[:key=value,...]`` (model keyword arguments; keys starting with
 ``plan.`` go to the training plan, e.g. ``histovi:plan.n_epochs_kl_warmup=None`` trains with the
-full KL weight from the first epoch). Results are appended to ``<out>/sweep.jsonl``.
+full KL weight from the first epoch, keys starting with ``train.`` to ``train``, e.g.
+``histovi:train.early_stopping=True``). Results are appended to ``<out>/sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main(argv=None):
     for text in args.variants:
         name, kwargs = _parse_variant(text)
         plan_kwargs = {k[5:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("plan.")}
+        train_kwargs = {k[6:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("train.")}
         scvi.settings.seed = args.seed
         t0 = time.perf_counter()
         if name == "scvi":
@@ -130,6 +132,7 @@ def main(argv=None):
             plan_kwargs=plan_kwargs,
             enable_progress_bar=False,
             enable_model_summary=False,
+            **train_kwargs,
         )
         z = model.get_latent_representation()
         scores = cluster_and_score(
@@ -143,6 +146,7 @@ def main(argv=None):
             "variant": text,
             "seed": args.seed,
             "epochs": args.epochs,
+            "epochs_trained": len(model.history["elbo_train"]),
             "ARI": float(scores["ARI"].mean()),
             "NMI": float(scores["NMI"].mean()),
             "ARI_gmm": float(by.get("gmm", np.nan)),
@@ -156,7 +160,7 @@ def main(argv=None):
         print(
             f"| {row['data']} | {text} | {args.seed} | {args.epochs} | {row['ARI']:.3f} | "
             f"{row['NMI']:.3f} | {row['ARI_gmm']:.3f} | {row['ARI_kmeans']:.3f} | "
-            f"{purity:.2f} | {row['seconds']:.0f} |"
+            f"{purity:.2f} | {row['seconds']:.0f} | trained {row['epochs_trained']} epochs |"
             + (
                 f" pairs morph {row['morph_pair']:.2f} niche {row['niche_pair']:.2f}"
                 if "morph_pair" in row

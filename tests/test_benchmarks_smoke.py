@@ -60,7 +60,10 @@ def test_rejects_unknown_method_and_bad_variant(tmp_path):
         integration._parse_variant("no-equals-sign")
     ctx = _methods.Context(histovi_variants={**_methods.HISTOVI_VARIANTS, name: kwargs})
     assert name in _methods.method_names(ctx)
-    assert _methods.default_max_epochs(20_000) == 400 and _methods.default_max_epochs(10**7) == 20
+    from histovi.model._model import default_max_epochs
+
+    assert _methods.default_max_epochs(6696) == default_max_epochs(6696) == 90
+    assert default_max_epochs(1000) == 400 and default_max_epochs(10**7) == 20
 
 
 @pytest.mark.slow
