@@ -123,3 +123,18 @@ def test_merge_pools_runs_split_by_seed(tmp_path):
     record.write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="different settings"):
         integration.merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "x", "sim_tiny")
+
+
+def test_epoch_curve_scores_every_n_epochs(tmp_path, capsys):
+    """epoch_curve.py: one row per scored epoch (the last one included), JSON and figure written."""
+    epoch_curve = pytest.importorskip("epoch_curve")
+    args = ["--data", "sim_tiny", "--epochs", "5", "--every", "2", "--out", str(tmp_path)]
+    assert epoch_curve.main(args) == 0
+    result = json.loads((tmp_path / "sim_tiny_histovi_seed0.json").read_text())
+    rows = result["rows"]
+    assert [r["epoch"] for r in rows] == [2, 4, 5]
+    for r in rows:
+        assert -1.0 <= r["ARI"] <= 1.0 and np.isfinite(r["elbo_validation"])
+    assert rows[0]["kl_weight"] < rows[-1]["kl_weight"]  # scvi-tools' KL warm-up is visible
+    assert (tmp_path / "sim_tiny_histovi_seed0.png").stat().st_size > 0
+    assert "| 5 |" in capsys.readouterr().out
