@@ -62,6 +62,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/epoch_curve")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.every < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error(f"--every {args.every} and --epochs {args.epochs} must be at least 1")
+    try:
+        model_kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as err:
+        parser.error(f"--kwargs {args.kwargs!r} is not JSON ({err}); e.g. '{{\"cycle_weight\": 0}}'")
 
     import scvi
     import torch
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
     labels = adata.obs[_data.LABEL_KEY].astype(object)
     labels = labels.where(labels.notna(), None).to_numpy()
     samples = adata.obs[_data.SAMPLE_KEY].to_numpy()
-    model = make_model(args.model, adata, json.loads(args.kwargs) if args.kwargs else {})
+    model = make_model(args.model, adata, model_kwargs)
     n = adata.n_obs
     epochs = args.epochs or 400  # past the default, to see both sides of the peak
     rows: list[dict] = []

@@ -138,3 +138,12 @@ def test_epoch_curve_scores_every_n_epochs(tmp_path, capsys):
     assert rows[0]["kl_weight"] < rows[-1]["kl_weight"]  # scvi-tools' KL warm-up is visible
     assert (tmp_path / "sim_tiny_histovi_seed0.png").stat().st_size > 0
     assert "| 5 |" in capsys.readouterr().out
+
+
+def test_epoch_curve_refuses_bad_arguments(capsys):
+    epoch_curve = pytest.importorskip("epoch_curve")
+    for args in (["--every", "0"], ["--kwargs", "{cycle_weight: 0}"]):
+        with pytest.raises(SystemExit):
+            epoch_curve.main(["--data", "sim_tiny", *args])
+    err = capsys.readouterr().err
+    assert "--every 0" in err and "is not JSON" in err
