@@ -255,6 +255,24 @@ def score_embedding(
     return per, integ
 
 
+def pair_probe(X: np.ndarray, labels: np.ndarray, pair: tuple[str, str], seed: int) -> float:
+    """Whether the embedding holds the difference between the two domains at all, clustered or
+    not: 5-fold balanced accuracy of a logistic regression (on standardised dimensions) telling
+    the pair's spots apart, pooled over sections; 0.5 is chance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    sel = np.isin(labels, pair)
+    y = labels[sel] == pair[0]
+    if min(y.sum(), (~y).sum()) < 5:
+        return float("nan")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, X[sel], y, cv=folds, scoring="balanced_accuracy").mean())
+
+
 def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[str, Any]]:
     """For simulated domain pairs that only one view separates: ARI between the two domains and
     the protocol's clusters, restricted to the pair's spots, per section holding both (1: the
@@ -266,6 +284,9 @@ def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[s
     labels, samples = _labels_samples(adata)
     labels = labels.astype(str)
     k = histovi.metrics.n_label_classes(adata.obs[_data.LABEL_KEY], _data.IGNORE_LABELS)
+    probes = {
+        name: pair_probe(X, labels, pair, seed) for name, pair in _data.SIM_DOMAIN_PAIRS.items()
+    }
     rows = []
     for clustering in CLUSTERINGS:
         clusters = histovi.tl.cluster_embedding(X, k, clustering, random_state=seed)
@@ -283,6 +304,7 @@ def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[s
                         "clustering": clustering,
                         "pair": pair_name,
                         "pair_ARI": float(np.mean(scores)),
+                        "pair_probe": probes[pair_name],
                     }
                 )
     return rows
@@ -334,6 +356,8 @@ def summarize_all(
             pp = pairs[pairs["embedding"] == method]
             for pair, g in pp.groupby("pair", sort=False):
                 row[f"pair: {pair}"] = float(g["pair_ARI"].mean())
+                if "pair_probe" in g:
+                    row[f"probe: {pair}"] = float(g["pair_probe"].mean())
         walls = [r["wall_s"] for r in rec["runs"]]
         # median: the first seed also pays one-off warm-up (numba / torch JIT, lazy imports)
         row["wall_s"], row["wall_s_first"] = float(np.median(walls)), float(walls[0])
@@ -431,13 +455,18 @@ def markdown_table(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) -
                 "| " + r["method"] + " | " + " | ".join(_fmt(get(r, m)) for m in metrics) + " |"
             )
         pair_cols = [c for c in table.columns if c.startswith("pair: ")]
+        pair_cols += [c for c in table.columns if c.startswith("probe: ")]
         if pair_cols:
+            heads = [c[6:] if c.startswith("pair: ") else c[7:] + " (probe)" for c in pair_cols]
             lines += [
                 "",
                 "Separation of domain pairs that one view alone separates (ARI on the "
-                "pair's spots, mean over sections, clusterings and seeds):",
+                "pair's spots, mean over sections, clusterings and seeds; (probe): 5-fold "
+                "balanced accuracy of a logistic regression telling the pair apart from the "
+                "embedding, 0.5 = chance, i.e. whether the embedding holds the difference at "
+                "all):",
                 "",
-                "| method | " + " | ".join(c[6:] for c in pair_cols) + " |",
+                "| method | " + " | ".join(heads) + " |",
                 "|---|" + "|".join("---" for _ in pair_cols) + "|",
             ]
             for _, r in ok.iterrows():

@@ -89,6 +89,12 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["scvi", "histovi"])
     parser.add_argument("--out", default="benchmarks/results/sweep")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--n-neighbors",
+        type=int,
+        default=None,
+        help="recompute the spatial neighbour graph with this k (default: the data's, k = 6)",
+    )
     args = parser.parse_args(argv)
 
     import scvi
@@ -99,6 +105,8 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)  # several of these share 2 cores: 1 each
     adata = _data.load(args.data, cache_dir=CACHE)
+    if args.n_neighbors is not None:
+        histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=args.n_neighbors)
     label_key = _data.LABEL_KEY
     morphology_key = "X_morphology" if "X_morphology" in adata.obsm else None
     labels = adata.obs[label_key].astype(object).where(adata.obs[label_key].notna(), None)
@@ -146,6 +154,7 @@ def main(argv=None):
             "variant": text,
             "seed": args.seed,
             "epochs": args.epochs,
+            "n_neighbors": int(adata.obsm["spatial_neighbors"].shape[1]),
             "epochs_trained": len(model.history["elbo_train"]),
             "ARI": float(scores["ARI"].mean()),
             "NMI": float(scores["NMI"].mean()),

@@ -47,6 +47,19 @@ def test_smoke_run_writes_table_json_and_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| PCA |" in printed and "| Harmony |" in printed
     assert "gland vs gland_in_situ" in printed  # pair separation on simulated data
+    probes = [v for k, v in table["PCA"].items() if k.startswith("probe: ") and "gland" in k]
+    assert "(probe)" in printed and len(probes) == 1 and 0.0 <= probes[0] <= 1.0
+
+
+def test_pair_probe_sees_a_planted_difference_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a"] * 100 + ["b"] * 100 + ["c"] * 50)
+    X = rng.normal(size=(250, 4))
+    # chance level on noise (balanced accuracy near 0.5), near 1 once one dimension differs
+    assert abs(integration.pair_probe(X, labels, ("a", "b"), seed=0) - 0.5) < 0.15
+    X[labels == "a", 2] += 4.0
+    assert integration.pair_probe(X, labels, ("a", "b"), seed=0) > 0.95
+    assert np.isnan(integration.pair_probe(X, labels, ("a", "missing"), seed=0))
 
 
 def test_rejects_unknown_method_and_bad_variant(tmp_path):
