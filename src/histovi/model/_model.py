@@ -91,12 +91,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
     cycle_weight
         Weight of the latent cycle-consistency term (as in sysVI): each spot's latent is decoded
         (expression and every embedding view) as if it came from another, random sample,
-        re-encoded with that sample's covariates and asked to land on the same latent. It removes
-        what the decoder explains as sample effect without forcing samples with different tissue
-        compositions onto each other. Default 1: at the default training length, weight 5 (the
-        default until 0.1.0, chosen at 30 epochs) over-mixed her2st (ARI 0.28 vs 0.35 with 1,
-        seeds 0-2), while 1 keeps the simulator's alignment (0.79 vs 0.78); 0 aligns less
-        (see benchmarks/README.md for the measurements).
+        re-encoded with that sample's covariates and asked to land on the same latent. It removes what the decoder explains as sample effect
+        without forcing samples with different tissue compositions onto each other. The default
+        alignment (see benchmarks/README.md for the measurements behind it).
     alignment_weight
         Weight of an adversarial sample classifier on the latent (gradient reversal); 0 (default)
         turns it off. It aligns the samples' *whole* latent distributions, so on studies whose
@@ -146,7 +143,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         use_embeddings: bool = True,
         use_niche: bool = True,
         niche_weight: float = 1.0,
-        cycle_weight: float = 1.0,
+        cycle_weight: float = 5.0,
         alignment_weight: float = 0.0,
         anchor_weight: float = 0.0,
         view_dropout: float = 0.3,

@@ -136,7 +136,7 @@ class HistoVAE(BaseModuleClass):
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
         encode_covariates: bool = True,
-        cycle_weight: float = 1.0,
+        cycle_weight: float = 5.0,
         anchor_weight: float = 0.0,
         niche_encoder: bool = False,
     ):
