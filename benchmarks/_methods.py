@@ -33,6 +33,9 @@ HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI-noMorph": {"use_morphology": False},
     "HistoVI-noNiche": {"use_niche": False},
     "HistoVI-noAlign": {"cycle_weight": 0.0, "alignment_weight": 0.0},
+    # the cycle-consistency term at explicit weights (5 is the default)
+    "HistoVI-cycle1": {"cycle_weight": 1.0},
+    "HistoVI-cycle5": {"cycle_weight": 5.0},
     # the alignment terms that were measured and not chosen as the default
     "HistoVI-adversarial": {"cycle_weight": 0.0, "alignment_weight": 20.0},
     # an expression-embedding view (obsm['X_fm'], see _data.py) beside the counts
