@@ -42,6 +42,8 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
     "sim_weak_batch": {"patient_effect": 0.3},
     "sim_strong_batch": {"patient_effect": 1.2},
     "sim_no_absent": {"absent_domains": False},
+    # the study `histovi run` uses without --input (cli.DEFAULT_SIM): smaller 20 x 20 sections
+    "sim_builtin": {"grid_size": (20, 20)},
     # a few hundred spots: for the smoke test and quick checks of the harness
     "sim_tiny": {
         "n_patients": 2,

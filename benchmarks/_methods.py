@@ -27,13 +27,15 @@ N_LATENT = 16  # HistoVI's default, given to scVI too
 N_PCS = 30
 
 #: HistoVI variants: name -> ``HistoVI(adata, **kwargs)``. A ``"train_kwargs"`` entry (a dict) is
-#: passed to ``model.train`` instead. Add variants here or with ``--histovi-variant NAME=JSON``.
+#: passed to ``model.train`` instead, ``"embeddings"`` and ``"batch_key"`` to ``setup_anndata``. Add variants here or with ``--histovi-variant NAME=JSON``.
 HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI": {},
     "HistoVI-noMorph": {"use_morphology": False},
     "HistoVI-noNiche": {"use_niche": False},
-    "HistoVI-noAlign": {"cycle_weight": 0.0, "alignment_weight": 0.0},
-    # the cycle-consistency term at explicit weights (5 is the default)
+    # No sample covariate (``batch_key=None``) and no alignment term: the spots pooled naively.
+    # (Until the default cycle weight became 0, this name meant cycle_weight=0.)
+    "HistoVI-noAlign": {"batch_key": None},
+    # the opt-in cycle-consistency term (default weight 0)
     "HistoVI-cycle1": {"cycle_weight": 1.0},
     "HistoVI-cycle5": {"cycle_weight": 5.0},
     # the alignment terms that were measured and not chosen as the default
@@ -339,6 +341,7 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
     kwargs = dict(ctx.histovi_variants[name])
     train_kwargs = dict(kwargs.pop("train_kwargs", {}) or {})
     embeddings = dict(kwargs.pop("embeddings", {}) or {})
+    batch_key = kwargs.pop("batch_key", SAMPLE_KEY)
     a = AnnData(
         X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy(), var=adata.var[[]].copy()
     )
@@ -358,7 +361,7 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
     HistoVI.setup_anndata(
         a,
         layer="counts",
-        batch_key=SAMPLE_KEY,
+        batch_key=batch_key,
         morphology_key=morph,
         neighbors_key=NEIGHBORS_KEY,
         embedding_keys=embeddings or None,

@@ -38,8 +38,9 @@ def test_train_latent_and_outputs(small_adata):
     assert z.shape == (small_adata.n_obs, 4)
     assert np.isfinite(z).all()
     history = model.history
-    for key in ("elbo_train", "reconstruction_loss_train", "cycle_train"):
+    for key in ("elbo_train", "reconstruction_loss_train"):
         assert key in history
+    assert "cycle_train" not in history  # the cycle term is opt-in (cycle_weight > 0)
     # subset by indices = the same rows of the full latent
     idx = np.array([5, 0, 77])
     np.testing.assert_allclose(model.get_latent_representation(indices=idx), z[idx], rtol=1e-5)
@@ -63,6 +64,7 @@ def test_every_view_switch(small_adata):
     assert "morphology" not in HistoVI(small_adata, use_morphology=False).module.view_names
     assert not HistoVI(small_adata, use_niche=False).module.use_niche
     assert HistoVI(small_adata).module.batch_classifier is None  # the adversary is opt-in
+    assert HistoVI(small_adata).module.cycle_weight == 0  # so is the cycle term
     assert HistoVI(small_adata, alignment_weight=20).module.batch_classifier is not None
 
 

@@ -91,9 +91,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
     cycle_weight
         Weight of the latent cycle-consistency term (as in sysVI): each spot's latent is decoded
         (expression and every embedding view) as if it came from another, random sample,
-        re-encoded with that sample's covariates and asked to land on the same latent. It removes what the decoder explains as sample effect
-        without forcing samples with different tissue compositions onto each other. The default
-        alignment (see benchmarks/README.md for the measurements behind it).
+        re-encoded with that sample's covariates and asked to land on the same latent. 0
+        (default) turns it off. It aligns samples faster, which rescues a run too short for the
+        batch-conditioned encoder to do it alone, but at the default training length it did not
+        help and weight 5 over-mixed her2st's patients (ARI 0.28 vs 0.35 without it, seeds 0-2;
+        benchmarks/README.md). Try 1-5 when patients still form their own clusters and you
+        cannot train longer.
     alignment_weight
         Weight of an adversarial sample classifier on the latent (gradient reversal); 0 (default)
         turns it off. It aligns the samples' *whole* latent distributions, so on studies whose
@@ -143,7 +146,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         use_embeddings: bool = True,
         use_niche: bool = True,
         niche_weight: float = 1.0,
-        cycle_weight: float = 5.0,
+        cycle_weight: float = 0.0,
         alignment_weight: float = 0.0,
         anchor_weight: float = 0.0,
         view_dropout: float = 0.3,

@@ -15,10 +15,10 @@ The experts are fused as a product of Gaussian experts with the standard-normal 
 expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
 encoder and decoder, so that scArches can train new batch columns for a query.
 
-Alignment across samples (each switchable, measured in benchmarks/): latent cycle consistency
-(default; decode in another sample, re-encode, same z), a sample classifier on z behind a
-gradient-reversal layer (adversarial), and a pull towards mutual nearest neighbours in other
-samples (anchors).
+Alignment across samples: by default only the batch-conditioned encoders and decoders (as in
+scVI). Opt-in terms, each measured in benchmarks/: latent cycle consistency (decode in another
+sample, re-encode, same z), a sample classifier on z behind a gradient-reversal layer
+(adversarial), and a pull towards mutual nearest neighbours in other samples (anchors).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class GaussianViewDecoder(nn.Module):
 
 
 class HistoVAE(BaseModuleClass):
-    """Multi-view VAE with a niche decoder and alignment of samples (cycle consistency by default).
+    """Multi-view VAE with a niche decoder and opt-in alignment terms across samples.
 
     Parameters
     ----------
@@ -102,7 +102,7 @@ class HistoVAE(BaseModuleClass):
     alignment_weight
         Weight of the adversarial sample classifier on z (0 turns it off).
     cycle_weight
-        Weight of the latent cycle-consistency term (0 turns it off).
+        Weight of the latent cycle-consistency term (0, the default, turns it off).
     anchor_weight
         Weight of the pull towards mutual-nearest-neighbour anchors in other samples (needs
         :class:`histovi.data._anchors.AnchorCallback` during training; 0 turns it off).
@@ -136,7 +136,7 @@ class HistoVAE(BaseModuleClass):
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
         encode_covariates: bool = True,
-        cycle_weight: float = 5.0,
+        cycle_weight: float = 0.0,
         anchor_weight: float = 0.0,
         niche_encoder: bool = False,
     ):
