@@ -45,7 +45,7 @@ what it writes into --out:
   report.html    one self-contained page with all of the above and the settings used
 
 examples:
-  histovi run                                   # built-in simulated study, ~2-4 min on 2 CPUs
+  histovi run                                   # built-in simulated study, ~6 min on 2 CPUs
   histovi run --input data.h5ad --sample-key sample --label-key label
   histovi run --input ../shared/data/her2st --samples A1 B1 C1 D1 --max-epochs 50
   histovi run --input visium.zarr --encoder resnet50 --n-domains 8 --out results/
