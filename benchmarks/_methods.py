@@ -27,7 +27,8 @@ N_LATENT = 16  # HistoVI's default, given to scVI too
 N_PCS = 30
 
 #: HistoVI variants: name -> ``HistoVI(adata, **kwargs)``. A ``"train_kwargs"`` entry (a dict) is
-#: passed to ``model.train`` instead, ``"embeddings"`` and ``"batch_key"`` to ``setup_anndata``. Add variants here or with ``--histovi-variant NAME=JSON``.
+#: passed to ``model.train`` instead, ``"embeddings"`` and ``"batch_key"`` to ``setup_anndata``.
+#: Add variants here or with ``--histovi-variant NAME=JSON``.
 HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI": {},
     "HistoVI-noMorph": {"use_morphology": False},
