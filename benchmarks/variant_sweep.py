@@ -69,8 +69,10 @@ def _pair_scores(adata, z, name: str, seed: int) -> dict[str, float]:
         rows = integration.pair_separation(adata, z, name, seed)
         out = {}
         for short, pair in (("morph_pair", "morphology-only"), ("niche_pair", "neighbourhood")):
-            vals = [r["pair_ARI"] for r in rows if r["pair"].startswith(pair)]
-            out[short] = float(np.mean(vals)) if vals else float("nan")
+            mine = [r for r in rows if r["pair"].startswith(pair)]
+            out[short] = float(np.mean([r["pair_ARI"] for r in mine])) if mine else float("nan")
+            # whether the latent holds the difference at all (0.5 = chance)
+            out[f"{short}_probe"] = float(mine[0]["pair_probe"]) if mine else float("nan")
         return out
     return {}
 
@@ -176,7 +178,8 @@ def main(argv=None):
             f"{purity:.2f} | {row['seconds']:.0f} | trained {row['epochs_trained']} epochs |"
             f" latent sd {row['latent_sd']:.2f} posterior sd {row['posterior_sd']:.2f} |"
             + (
-                f" pairs morph {row['morph_pair']:.2f} niche {row['niche_pair']:.2f}"
+                f" pairs morph {row['morph_pair']:.2f} (probe {row['morph_pair_probe']:.2f})"
+                f" niche {row['niche_pair']:.2f} (probe {row['niche_pair_probe']:.2f})"
                 if "morph_pair" in row
                 else ""
             ),
