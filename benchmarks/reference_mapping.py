@@ -38,7 +38,8 @@ Usage::
     python benchmarks/reference_mapping.py --data sim --max-epochs 60 --query-epochs 10 30 \\
         --seeds 0
 
-Writes ``<out>/<data>/table.md`` (also printed) and ``results.json``.
+Writes ``<out>/<data>/table.md`` (also printed) and ``results.json``. Runs split over processes
+(one seed, or some held-out patients, each) are pooled with ``--merge DIR1 DIR2 --out DIR``.
 """
 
 from __future__ import annotations
@@ -437,6 +438,7 @@ def make_table(rows: list[dict[str, Any]]) -> str:
         ("ARI query-mapped (kNN)", "ARI_query_knn", False),
         ("ARI query (MLP head)", "ARI_query_head", False),
         ("ARI joint (kNN)", "ARI_joint_knn", False),
+        ("ARI joint (MLP head)", "ARI_joint_head", False),
         ("ARI scVI-scArches (kNN)", "ARI_scvi_scarches_knn", False),
         ("query/joint time", "query_over_joint_time", True),
     ]
@@ -479,6 +481,43 @@ def make_table(rows: list[dict[str, Any]]) -> str:
 def _write(out_dir: Path, result: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def merge(dirs: Sequence[str | Path], data: str, out: str | Path) -> dict[str, Any]:
+    """Pool the rows of finished runs (one seed or a few held-out patients each, run in
+    parallel processes) into one table; runs with different settings are refused."""
+    rows: list[dict[str, Any]] = []
+    settings: list[dict[str, Any]] = []
+    for d in dirs:
+        path = Path(d) / data / "results.json"
+        if not path.exists():
+            raise SystemExit(f"--merge: {path} not found (run with --out {d} --data {data} first).")
+        result = json.loads(path.read_text())
+        if result.get("settings", {}).get("partial"):
+            print(f"--merge: {path} is a partial run; using its finished rows", flush=True)
+        else:
+            settings.append(result["settings"])
+        rows += result["rows"]
+    for key in ("max_epochs", "n_top_genes", "transfer", "scvi_arches"):
+        values = {json.dumps(s.get(key), sort_keys=True) for s in settings}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: runs differ in {key}: {sorted(values)}; not pooled.")
+    seen = [(r["patient"], r["seed"], r["query_epochs"]) for r in rows]
+    dupes = sorted({x for x in seen if seen.count(x) > 1})
+    if dupes:
+        raise SystemExit(f"--merge: (patient, seed, query epochs) in more than one run: {dupes}")
+    table = make_table(rows)
+    out_dir = Path(out) / data
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(table + "\n")
+    merged = {
+        "settings": {"data": data, "merged_from": [str(d) for d in dirs], "runs": settings},
+        "rows": rows,
+        "table": table,
+    }
+    _write(out_dir, merged)
+    print(table)
+    return merged
 
 
 def run(
@@ -590,7 +629,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-head", action="store_true", help="skip the MLP classifier head")
     parser.add_argument("--out", default="benchmarks/results/reference_mapping")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="pool the rows of finished runs (their --out folders) into one table in --out; "
+        "trains nothing",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.data, args.out)
+        return 0
     run(
         args.data,
         args.seeds,

@@ -40,3 +40,19 @@ def test_smoke_run_writes_table_and_keeps_the_reference(tmp_path):
     assert row["query_model_on_reference_max_abs_diff"] < 1e-4
     assert 0 < row["query_over_joint_time"] and np.isfinite(row["query_over_joint_time"])
     assert "| P1 | 1 |" in result["table"]
+
+    # --merge pools runs made in separate processes and refuses the same row twice
+    other = json.loads((out / "results.json").read_text())
+    for r in other["rows"]:
+        r["seed"] = 1
+        r["ARI_query_knn"] = 0.5
+    (tmp_path / "s1" / "sim_small").mkdir(parents=True)
+    (tmp_path / "s1" / "sim_small" / "results.json").write_text(json.dumps(other))
+    pooled = reference_mapping.merge([tmp_path, tmp_path / "s1"], "sim_small", tmp_path / "pool")
+    assert sorted(r["seed"] for r in pooled["rows"]) == [0, 1]
+    assert (tmp_path / "pool" / "sim_small" / "table.md").exists()
+    mean_line = next(line for line in pooled["table"].splitlines() if "**mean**" in line)
+    expected = np.mean([row["ARI_query_knn"], 0.5])
+    assert f"{expected:.3f}" in mean_line
+    with pytest.raises(SystemExit, match="more than one run"):
+        reference_mapping.merge([tmp_path, tmp_path], "sim_small", tmp_path / "pool2")
