@@ -502,6 +502,14 @@ def merge(dirs: Sequence[str | Path], data: str, out: str | Path) -> dict[str, A
         values = {json.dumps(s.get(key), sort_keys=True) for s in settings}
         if len(values) > 1:
             raise SystemExit(f"--merge: runs differ in {key}: {sorted(values)}; not pooled.")
+    # Runs before the scVI reference followed HistoVI's epoch rule trained it for scVI's 400
+    # epochs and did not record the number: not comparable with later runs.
+    scvi_rows = [r for r in rows if r.get("ARI_scvi_scarches_knn") is not None]
+    if 0 < sum("scvi_ref_epochs" in r for r in scvi_rows) < len(scvi_rows):
+        raise SystemExit(
+            "--merge: some runs do not record their scVI reference epochs (made before scVI "
+            "followed HistoVI's epoch rule); rerun them or pool without them."
+        )
     seen = [(r["patient"], r["seed"], r["query_epochs"]) for r in rows]
     dupes = sorted({x for x in seen if seen.count(x) > 1})
     if dupes:
