@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     try:
         model_kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as err:
-        parser.error(f"--kwargs {args.kwargs!r} is not JSON ({err}); e.g. '{{\"cycle_weight\": 0}}'")
+        parser.error(
+            f"--kwargs {args.kwargs!r} is not JSON ({err}); e.g. '{{\"cycle_weight\": 0}}'"
+        )
 
     import scvi
     import torch

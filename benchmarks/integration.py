@@ -813,7 +813,9 @@ def rebuild_report(out_dir: str | os.PathLike) -> str:
     return md
 
 
-def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike, data: str) -> list[str]:
+def merge_runs(
+    sources: Sequence[str | os.PathLike], out: str | os.PathLike, data: str
+) -> list[str]:
     """Pool finished methods of runs split over processes or machines (one seed each, say).
 
     Copies each source's ``<source>/<data>/work`` records and embeddings into ``out/<data>/work``,

@@ -111,20 +111,30 @@ def test_merge_pools_runs_split_by_seed(tmp_path):
     single = {}
     for seed in (0, 1):
         res = integration.run_benchmark(
-            "sim_tiny", ["PCA"], seeds=[seed], out=tmp_path / f"s{seed}", in_process=True,
+            "sim_tiny",
+            ["PCA"],
+            seeds=[seed],
+            out=tmp_path / f"s{seed}",
+            in_process=True,
             make_figures=False,
         )
         single[seed] = sorted((r["sample"], r["clustering"], r["ARI"]) for r in res["per_section"])
     merged = integration.merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m", "sim_tiny")
     assert merged == ["PCA"]
     pooled = integration.run_benchmark(
-        "sim_tiny", ["PCA"], seeds=[0, 1], out=tmp_path / "m", in_process=True,
-        make_figures=False, reuse=True,
+        "sim_tiny",
+        ["PCA"],
+        seeds=[0, 1],
+        out=tmp_path / "m",
+        in_process=True,
+        make_figures=False,
+        reuse=True,
     )
     assert pooled["table"][0]["n_seeds"] == 2
     for seed in (0, 1):  # the same embeddings, scored the same way
         rows = sorted(
-            (r["sample"], r["clustering"], r["ARI"]) for r in pooled["per_section"]
+            (r["sample"], r["clustering"], r["ARI"])
+            for r in pooled["per_section"]
             if r["seed"] == seed
         )
         assert rows == single[seed]
