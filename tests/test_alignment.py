@@ -197,3 +197,35 @@ def test_niche_encoder_needs_the_neighbour_graph(small_adata):
         HistoVI(small_adata, niche_encoder=True)
     with pytest.raises(ValueError, match="use_niche"):
         _model(small_adata, niche_encoder=True, use_niche=False)
+
+
+def test_normalized_input_keeps_sequencing_depth_out_of_z(small_adata):
+    """With normalize_input the posterior of a spot ignores its depth (the decoder models it)."""
+    for normalize, depth_free in ((True, True), (False, False)):
+        model = _model(small_adata, normalize_input=normalize)
+        module = model.module.eval()
+        tensors = next(iter(model._make_data_loader(model.adata, batch_size=16)))
+        inputs = module._get_inference_input(tensors)
+        deeper = dict(inputs, x=inputs["x"] * 3)
+        with torch.no_grad():
+            mean = module.inference(**inputs)["qz"].loc
+            mean_deeper = module.inference(**deeper)["qz"].loc
+        assert torch.allclose(mean, mean_deeper, atol=1e-5) == depth_free
+
+
+def test_saved_models_load_with_the_encoder_input_they_were_trained_with(small_adata, tmp_path):
+    model = _model(small_adata, normalize_input=False)
+    model.train(**TRAIN)
+    z = model.get_latent_representation()
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = HistoVI.load(tmp_path / "m", adata=small_adata)
+    assert loaded.module.normalize_input is False
+    assert np.array_equal(loaded.get_latent_representation(), z)
+    # a model saved before the option existed records neither the argument nor the setting
+    del model.histovi_setup_["normalize_input"]
+    model.init_params_["non_kwargs"].pop("normalize_input")
+    model.save(tmp_path / "old", save_anndata=False)
+    old = HistoVI.load(tmp_path / "old", adata=small_adata)
+    assert old.module.normalize_input is False
+    assert np.array_equal(old.get_latent_representation(), z)
+    assert _model(small_adata).module.normalize_input is True

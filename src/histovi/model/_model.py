@@ -111,6 +111,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         Share of spots whose morphology / embedding views are hidden from the encoder at each
         training step (they are still reconstructed): spots and samples without an image then
         embed like those with one (modality dropout, as in multimodal VAEs).
+    normalize_input
+        Scale each spot's counts to 10,000 before the log transform that feeds the encoders
+        (default), so that sequencing depth, which differs tenfold between her2st's patients,
+        does not enter the latent; the decoders still see the observed library. ``False`` gives
+        scVI's encoder input (log of the raw counts), which models saved before this option
+        existed used; they load back with it.
     **module_kwargs
         Passed to :class:`~histovi.module.HistoVAE`, e.g. ``encode_covariates=False`` or
         ``niche_encoder=True``: an encoder expert on the mean counts of the spot's spatial
@@ -150,6 +156,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         alignment_weight: float = 0.0,
         anchor_weight: float = 0.0,
         view_dropout: float = 0.3,
+        normalize_input: bool = True,
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -223,6 +230,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             alignment_weight=alignment_weight,
             anchor_weight=anchor_weight,
             view_dropout=view_dropout,
+            normalize_input=normalize_input,
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
             **module_kwargs,
@@ -238,6 +246,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             "morphology_record": _plain(uns.get("morphology")),
             "embedding_records": _plain(uns.get("embeddings")),
             "spatial_neighbors_record": _plain(uns.get("spatial_neighbors")),
+            "normalize_input": bool(normalize_input),
         }
         self._model_summary_string = (
             f"HistoVI: n_latent={n_latent}, views=expression"
@@ -691,10 +700,27 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         model.is_query_ = True
         # the reference's record (restored by scvi-tools), not shared with the reference object
         model.histovi_setup_ = copy.deepcopy(model.histovi_setup_)
+        _restore_encoder_input(model)
+        return model
+
+    @classmethod
+    def load(cls, dir_path, adata=None, **kwargs) -> HistoVI:
+        """Load a saved model (see :meth:`scvi.model.base.BaseModelClass.load`)."""
+        model = super().load(dir_path, adata=adata, **kwargs)
+        _restore_encoder_input(model)
         return model
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _restore_encoder_input(model: HistoVI) -> None:
+    """Give a loaded model the encoder input it was trained with.
+
+    scvi-tools rebuilds a loaded model with today's defaults for arguments its saved
+    ``init_params_`` lack; models saved before ``normalize_input`` existed encoded raw log counts.
+    """
+    model.module.normalize_input = bool(model.histovi_setup_.get("normalize_input", False))
 
 
 def _checkpointing(checkpoint_dir, trainer_kwargs) -> dict:

@@ -113,6 +113,9 @@ class HistoVAE(BaseModuleClass):
     niche_encoder
         Add an encoder expert on the mean counts of the spot's spatial neighbours (needs the
         neighbour graph at inference as well; the loader gathers it).
+    normalize_input
+        Scale each spot's counts to 10,000 before the log that feeds the encoders, so that
+        sequencing depth does not enter z (the decoders use the observed library).
     n_cats_per_cov, n_continuous_cov
         Extra categorical and continuous covariates.
     """
@@ -139,8 +142,10 @@ class HistoVAE(BaseModuleClass):
         cycle_weight: float = 0.0,
         anchor_weight: float = 0.0,
         niche_encoder: bool = False,
+        normalize_input: bool = False,
     ):
         super().__init__()
+        self.normalize_input = normalize_input
         self.encode_covariates = encode_covariates
         self.cycle_weight = cycle_weight
         self.anchor_weight = anchor_weight
@@ -296,8 +301,11 @@ class HistoVAE(BaseModuleClass):
             "encoder_masks": encoder_masks,
         }
 
-    @staticmethod
-    def _log_input(counts, cont):
+    def _log_input(self, counts, cont):
+        if self.normalize_input:
+            # Depth differs tenfold between sections of one study; the decoder gets the observed
+            # library, so z need not (and should not) carry it.
+            counts = counts / counts.sum(-1, keepdim=True).clamp(min=1.0) * 1e4
         out = torch.log1p(counts)
         return out if cont is None else torch.cat([out, cont], dim=-1)
 
