@@ -814,14 +814,18 @@ def rebuild_report(out_dir: str | os.PathLike) -> str:
 
 
 def merge_runs(
-    sources: Sequence[str | os.PathLike], out: str | os.PathLike, data: str
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    data: str,
+    methods: Sequence[str] | None = None,
 ) -> list[str]:
     """Pool finished methods of runs split over processes or machines (one seed each, say).
 
     Copies each source's ``<source>/<data>/work`` records and embeddings into ``out/<data>/work``,
     joining the seeds of one method when every source ran it with the same epochs, settings and
     data; :func:`run_benchmark` with ``reuse=True`` and the pooled seeds then only scores them.
-    Returns the merged method names.
+    Only ``methods`` are taken when given (a source may hold others). A method and seed found in
+    two sources is refused. Returns the merged method names.
     """
     work = Path(out).resolve() / data / "work"
     (work / "embeddings").mkdir(parents=True, exist_ok=True)
@@ -835,21 +839,33 @@ def merge_runs(
             if rec.get("status") != "ok":
                 continue
             name = rec["method"]
+            if methods is not None and name not in methods:
+                continue
+            if name in merged:
+                have, key = merged[name], rec["key"]
+                same = {k: v for k, v in key.items() if k != "seeds"}
+                if same != {k: v for k, v in have["key"].items() if k != "seeds"}:
+                    raise ValueError(
+                        f"--merge: {name} ran with different settings in {source} ({same}) than "
+                        f"in an earlier source ({have['key']}); merge only runs of one "
+                        "configuration."
+                    )
+                # The same settings do not prove the same model: a library default may have
+                # changed between two runs. Two runs of one seed are refused, not picked from.
+                twice = sorted({r["seed"] for r in have["runs"]} & {r["seed"] for r in rec["runs"]})
+                if twice:
+                    raise ValueError(
+                        f"--merge: {name} seed(s) {twice} are in {source} and in an earlier "
+                        "source; pass each run of a method and seed once (leave one source "
+                        "out, or leave the method out of --methods)."
+                    )
             for r in rec["runs"]:
                 emb = f"{_safe(name)}_seed{r['seed']}.npy"
                 shutil.copyfile(src / "embeddings" / emb, work / "embeddings" / emb)
             if name not in merged:
                 merged[name] = rec
                 continue
-            have, key = merged[name], rec["key"]
-            same = {k: v for k, v in key.items() if k != "seeds"}
-            if same != {k: v for k, v in have["key"].items() if k != "seeds"}:
-                raise ValueError(
-                    f"--merge: {name} ran with different settings in {source} ({same}) than in "
-                    f"an earlier source ({have['key']}); merge only runs of one configuration."
-                )
-            seen = {r["seed"] for r in have["runs"]}
-            have["runs"] += [r for r in rec["runs"] if r["seed"] not in seen]
+            have["runs"] += rec["runs"]
             have["peak_mb"] = max(have.get("peak_mb", 0.0), rec.get("peak_mb", 0.0))
     for name, rec in merged.items():
         rec["runs"].sort(key=lambda r: r["seed"])
@@ -943,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in args.methods:
         methods += groups.get(m, [m])
     if args.merge:
-        merge_runs(args.merge, args.out, args.data)
+        merge_runs(args.merge, args.out, args.data, methods)
     run_benchmark(
         args.data,
         methods,

@@ -139,6 +139,12 @@ def test_merge_pools_runs_split_by_seed(tmp_path):
         )
         assert rows == single[seed]
 
+    # the same seed twice is refused (a library default may differ between the runs)
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\]"):
+        integration.merge_runs([tmp_path / "s0", tmp_path / "s0"], tmp_path / "d", "sim_tiny")
+    # ... unless the method is left out
+    assert integration.merge_runs([tmp_path / "s0"] * 2, tmp_path / "e", "sim_tiny", []) == []
+
     # runs of another configuration are refused, not averaged together
     record = tmp_path / "s1" / "sim_tiny" / "work" / "record_PCA.json"
     rec = json.loads(record.read_text())

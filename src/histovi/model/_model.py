@@ -253,6 +253,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             + "".join(f"+{v}" for v in view_dims)
             + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
             + f", cycle_weight={cycle_weight}, alignment_weight={alignment_weight}"
+            + f", normalize_input={normalize_input}"
             + (f", anchor_weight={anchor_weight}" if anchor_weight else "")
             + f", n_batch={self.summary_stats.n_batch}"
         )
