@@ -86,8 +86,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         Use the extra embedding views registered with ``embedding_keys``.
     use_niche
         Reconstruct each spot's neighbourhood counts (needs ``neighbors_key`` at setup). Worth
-        +0.02 ARI on her2st (seeds 0-2); neutral on the simulator, where it costs 25 % of the
-        training time (benchmarks/README.md).
+        +0.02 ARI on her2st (seeds 0-2) and on the simulator (seeds 0-1), for about a third
+        more training time (benchmarks/README.md).
     niche_weight
         Weight of the neighbourhood reconstruction, per neighbour.
     cycle_weight
