@@ -115,7 +115,8 @@ class HistoVAE(BaseModuleClass):
         neighbour graph at inference as well; the loader gathers it).
     normalize_input
         Scale each spot's counts to 10,000 before the log that feeds the encoders, so that
-        sequencing depth does not enter z (the decoders use the observed library).
+        sequencing depth does not enter z (the decoders use the observed library). Off here for
+        modules built directly; :class:`~histovi.HistoVI` turns it on by default.
     n_cats_per_cov, n_continuous_cov
         Extra categorical and continuous covariates.
     """
