@@ -229,3 +229,8 @@ def test_saved_models_load_with_the_encoder_input_they_were_trained_with(small_a
     assert old.module.normalize_input is False
     assert np.array_equal(old.get_latent_representation(), z)
     assert _model(small_adata).module.normalize_input is True
+
+
+def test_normalize_input_must_be_a_bool(small_adata):
+    with pytest.raises(ValueError, match="normalize_input"):
+        _model(small_adata, normalize_input="yes")

@@ -172,6 +172,11 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         ):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r}: pass a finite weight >= 0 (0 turns it off).")
+        if not isinstance(normalize_input, bool | np.bool_):
+            raise ValueError(
+                f"normalize_input={normalize_input!r}: pass True (depth-normalised encoder input, "
+                "the default) or False (raw log counts, as scVI)."
+            )
         if not 0 <= view_dropout <= 1:
             raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
         setup = self.adata_manager.registry["setup_args"]
