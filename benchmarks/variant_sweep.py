@@ -13,7 +13,8 @@ Lighter than ``integration.py`` (no peers, no scib-metrics); the numbers behind 
 A variant is ``scvi`` or ``histovi[:key=value,...]`` (model keyword arguments; keys starting with
 ``plan.`` go to the training plan, e.g. ``histovi:plan.n_epochs_kl_warmup=None`` trains with the
 full KL weight from the first epoch, keys starting with ``train.`` to ``train``, e.g.
-``histovi:train.early_stopping=True``). Results are appended to ``<out>/sweep.jsonl``.
+``histovi:train.early_stopping=True``, keys starting with ``setup.`` to ``setup_anndata``, e.g.
+``histovi:setup.categorical_covariate_keys=patient`` (a list of one key)). Results are appended to ``<out>/sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def main(argv=None):
         default=None,
         help="recompute the spatial neighbour graph with this k (default: the data's, k = 6)",
     )
+    parser.add_argument(
+        "--save-latent",
+        action="store_true",
+        help="also write each variant's posterior means to <out>/latent_<variant>_s<seed>.npy",
+    )
     args = parser.parse_args(argv)
 
     import scvi
@@ -121,10 +127,15 @@ def main(argv=None):
         name, kwargs = _parse_variant(text)
         plan_kwargs = {k[5:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("plan.")}
         train_kwargs = {k[6:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("train.")}
+        setup_kwargs = {k[6:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("setup.")}
+        if "categorical_covariate_keys" in setup_kwargs:
+            setup_kwargs["categorical_covariate_keys"] = [
+                setup_kwargs["categorical_covariate_keys"]
+            ]
         scvi.settings.seed = args.seed
         t0 = time.perf_counter()
         if name == "scvi":
-            scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="sample")
+            scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="sample", **setup_kwargs)
             model = scvi.model.SCVI(adata, n_latent=16, **kwargs)
         elif name == "histovi":
             histovi.HistoVI.setup_anndata(
@@ -133,6 +144,7 @@ def main(argv=None):
                 batch_key="sample",
                 morphology_key=morphology_key,
                 neighbors_key="spatial_neighbors",
+                **setup_kwargs,
             )
             model = histovi.HistoVI(adata, **kwargs)
         else:
@@ -170,6 +182,9 @@ def main(argv=None):
             **_pair_scores(adata, z, text, args.seed),
             "seconds": time.perf_counter() - t0,
         }
+        if args.save_latent:
+            safe = "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)
+            np.save(out / f"latent_{safe}_s{args.seed}.npy", z)
         with open(out / "sweep.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(

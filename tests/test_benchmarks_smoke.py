@@ -176,3 +176,38 @@ def test_epoch_curve_refuses_bad_arguments(capsys):
             epoch_curve.main(["--data", "sim_tiny", *args])
     err = capsys.readouterr().err
     assert "--every 0" in err and "is not JSON" in err
+
+
+def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
+    label_probe = pytest.importorskip("label_probe")
+    import _data
+
+    monkeypatch.setattr(label_probe, "CACHE", tmp_path / "cache")
+    adata = _data.load("sim_tiny", cache_dir=tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    labels = adata.obs[_data.LABEL_KEY].astype(str).to_numpy()
+    codes = np.unique(labels, return_inverse=True)[1]
+    planted = np.eye(codes.max() + 1)[codes] * 5 + rng.normal(size=(adata.n_obs, codes.max() + 1))
+    np.save(tmp_path / "planted.npy", planted)
+    np.save(tmp_path / "noise.npy", rng.normal(size=(adata.n_obs, 4)))
+    table = label_probe.main(
+        [
+            "--data",
+            "sim_tiny",
+            "--embeddings",
+            f"planted={tmp_path / 'planted.npy'}",
+            f"noise={tmp_path / 'noise.npy'}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    by = table.groupby("embedding")[["balanced_accuracy", "transfer"]].mean()
+    chance = 1 / table["n_classes"].mean()
+    assert by.loc["planted", "balanced_accuracy"] > 0.95 and by.loc["planted", "transfer"] > 0.95
+    assert by.loc["noise", "balanced_accuracy"] < chance + 0.15
+    assert by.loc["noise", "transfer"] < chance + 0.15
+    # the section-alone count references are scored within sections only
+    refs = table[table["embedding"].isin(label_probe.SECTION_ALONE)]
+    assert len(refs) and refs["transfer"].isna().all()
+    assert (refs["balanced_accuracy"] > chance).all()
+    assert (tmp_path / "out" / "label_probe.md").read_text().count("| planted |") == 1
