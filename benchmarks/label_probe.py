@@ -13,11 +13,12 @@ accuracy over the classes present in both).
 Two references come from the counts alone, per section (no other section, so no batch effect):
 16 principal components of the section's log-normalised counts, and the same with the mean of
 each spot's spatial neighbours appended (what the tissue layout adds). The embeddings are those
-an ``integration.py`` run saved (``<run>/<data>/work/embeddings/<method>_seed<S>.npy``) or any
+an ``integration.py`` run saved (``<method>_seed<S>.npy`` in the ``work`` / ``embeddings``
+folder of each data set of the run) or any
 ``.npy`` file (rows = the data's spots, in order)::
 
     python benchmarks/label_probe.py --data her2st \
-        --runs benchmarks/results/ablation_norm/s0 --embeddings MoG=/tmp/latent.npy
+        --runs benchmarks/results/ablation_norm/s0 --embeddings MoG=latent_MoG.npy
 
 Writes ``<out>/label_probe.csv`` (one row per embedding, seed and section) and
 ``<out>/label_probe.md`` (mean over seeds per section).
