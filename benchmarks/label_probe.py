@@ -111,7 +111,13 @@ def run_embeddings(runs: list[str], data: str) -> dict[tuple[str, int], np.ndarr
     """Embeddings an integration.py run saved, keyed by (method, seed)."""
     out = {}
     for run in runs:
-        for path in sorted((Path(run) / data / "work" / "embeddings").glob("*_seed*.npy")):
+        paths = sorted((Path(run) / data / "work" / "embeddings").glob("*_seed*.npy"))
+        if not paths:
+            raise SystemExit(
+                f"--runs {run}: no saved embeddings of {data!r} there; pass the --out folder of "
+                f"an integration.py run with --data {data}."
+            )
+        for path in paths:
             m = re.fullmatch(r"(.+)_seed(\d+)", path.stem)
             out[(m.group(1), int(m.group(2)))] = np.load(path)
     return out
@@ -138,10 +144,10 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out", default="benchmarks/results/label_probe")
     args = parser.parse_args(argv)
 
+    embeddings = run_embeddings(args.runs, args.data)  # before loading: fail fast
     adata = _data.load(args.data, cache_dir=CACHE)
     labels = adata.obs[_data.LABEL_KEY].astype(object).to_numpy()
     sections = scored_spots(adata)
-    embeddings = run_embeddings(args.runs, args.data)
     for item in args.embeddings:
         name, _, path = item.partition("=")
         embeddings[(name, 0)] = np.load(path)
