@@ -144,13 +144,21 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out", default="benchmarks/results/label_probe")
     args = parser.parse_args(argv)
 
-    embeddings = run_embeddings(args.runs, args.data)  # before loading: fail fast
+    # Check the inputs before the (slow) data loading.
+    embeddings = run_embeddings(args.runs, args.data)
+    for item in args.embeddings:
+        name, _, path = item.partition("=")
+        if not name or not path or not Path(path).is_file():
+            raise SystemExit(
+                f"--embeddings {item!r}: pass NAME=PATH with PATH an existing .npy file."
+            )
+        embeddings[(name, 0)] = np.load(path)
+    for (name, _), X in embeddings.items():
+        if X.ndim != 2 or not np.isfinite(X).all():
+            raise SystemExit(f"{name}: pass a 2-d embedding without NaN/inf (shape {X.shape}).")
     adata = _data.load(args.data, cache_dir=CACHE)
     labels = adata.obs[_data.LABEL_KEY].astype(object).to_numpy()
     sections = scored_spots(adata)
-    for item in args.embeddings:
-        name, _, path = item.partition("=")
-        embeddings[(name, 0)] = np.load(path)
     embeddings.update({(name, 0): X for name, X in section_references(adata).items()})
 
     rows = []
@@ -158,7 +166,10 @@ def main(argv=None) -> pd.DataFrame:
         if X.shape[0] != adata.n_obs:
             raise SystemExit(f"{name}: {X.shape[0]} rows, the data has {adata.n_obs} spots.")
         for s, mask in sections.items():
-            others = np.any([m for o, m in sections.items() if o != s], axis=0)
+            others = np.zeros(adata.n_obs, dtype=bool)
+            for other, other_mask in sections.items():
+                if other != s:
+                    others |= other_mask
             rows.append(
                 {
                     "embedding": name,
@@ -167,8 +178,9 @@ def main(argv=None) -> pd.DataFrame:
                     "n_classes": len(pd.unique(labels[mask])),
                     "balanced_accuracy": probe(X[mask], labels[mask], seed),
                     # section-alone references have no coordinates shared between sections
+                    # (and a single labelled section has nothing to transfer from)
                     "transfer": np.nan
-                    if name in SECTION_ALONE
+                    if name in SECTION_ALONE or not others.any()
                     else transfer(X, labels, others, mask),
                 }
             )

@@ -211,3 +211,16 @@ def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
     assert len(refs) and refs["transfer"].isna().all()
     assert (refs["balanced_accuracy"] > chance).all()
     assert (tmp_path / "out" / "label_probe.md").read_text().count("| planted |") == 1
+
+
+def test_label_probe_refuses_bad_embeddings(tmp_path):
+    label_probe = pytest.importorskip("label_probe")
+    np.save(tmp_path / "nan.npy", np.full((5, 2), np.nan))
+    for args, words in (
+        (["--embeddings", "no_path_given"], "NAME=PATH"),
+        (["--embeddings", f"x={tmp_path / 'missing.npy'}"], "existing .npy"),
+        (["--embeddings", f"x={tmp_path / 'nan.npy'}"], "NaN/inf"),
+        (["--runs", str(tmp_path)], "no saved embeddings"),
+    ):
+        with pytest.raises(SystemExit, match=words):
+            label_probe.main(["--data", "sim_tiny", "--out", str(tmp_path / "o"), *args])
