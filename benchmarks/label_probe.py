@@ -22,6 +22,14 @@ folder of each data set of the run) or any
 
 Writes ``<out>/label_probe.csv`` (one row per embedding, seed and section) and
 ``<out>/label_probe.md`` (mean over seeds per section).
+
+It also says where the benchmark's own clusters go: each embedding (not the section-alone
+references) is clustered as ``integration.py`` does (GMM, k = number of labels, all spots,
+clustering seed = the embedding's seed), and every cluster is described by its size, the
+patient (``obs['patient']``, else the section) most of its spots come from, with that share,
+and the label most of its labelled spots carry, with that share. A cluster that is 95 % one
+patient's spots spends one of the k clusters on that patient. Written to
+``<out>/composition.csv`` and ``<out>/composition.md``.
 """
 
 from __future__ import annotations
@@ -123,6 +131,54 @@ def run_embeddings(runs: list[str], data: str) -> dict[tuple[str, int], np.ndarr
     return out
 
 
+def cluster_composition(
+    X: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int, seed: int = 0
+) -> pd.DataFrame:
+    """One row per GMM cluster of the pooled embedding (the benchmark's clustering): size,
+    commonest group and its share of the cluster, commonest label among the cluster's labelled
+    spots and its share (NaN where the cluster has no labelled spot); largest cluster first."""
+    from histovi.tl import cluster_embedding
+
+    clusters = cluster_embedding(X, k, "gmm", random_state=seed)
+    labelled = pd.notna(labels) & ~pd.Series(labels).isin(_data.IGNORE_LABELS).to_numpy()
+    rows = []
+    for c in np.unique(clusters):
+        member = clusters == c
+        group = pd.Series(groups[member]).value_counts(normalize=True)
+        label = pd.Series(labels[member & labelled].astype(str)).value_counts(normalize=True)
+        rows.append(
+            {
+                "cluster": int(c),
+                "n_spots": int(member.sum()),
+                "group": str(group.index[0]),
+                "group_share": float(group.iloc[0]),
+                "label": str(label.index[0]) if len(label) else "",
+                "label_share": float(label.iloc[0]) if len(label) else np.nan,
+            }
+        )
+    return pd.DataFrame(rows).sort_values("n_spots", ascending=False, ignore_index=True)
+
+
+def _composition_markdown(table: pd.DataFrame, data: str, group_key: str) -> str:
+    lines = [
+        f"Where the clusters go on {data}: GMM on the pooled embedding, k = number of labels, "
+        f"clusters largest first; each cell is `spots; commonest {group_key} (share); commonest "
+        "label (share of the cluster's labelled spots)`.\n",
+        "| embedding | seed | "
+        + " | ".join(f"cluster {i + 1}" for i in range(table["rank"].max() + 1))
+        + " |",
+        "|---|---|" + "---|" * (table["rank"].max() + 1),
+    ]
+    for (name, seed), part in table.groupby(["embedding", "seed"], sort=False):
+        cells = [
+            f"{r.n_spots}; {r.group} ({r.group_share:.2f}); "
+            + (f"{r.label} ({r.label_share:.2f})" if r.label else "no label")
+            for r in part.sort_values("rank").itertuples()
+        ]
+        lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(table: pd.DataFrame) -> str:
     head = ["embedding", *map(str, table.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -156,6 +212,8 @@ def main(argv=None) -> pd.DataFrame:
     for (name, _), X in embeddings.items():
         if X.ndim != 2 or not np.isfinite(X).all():
             raise SystemExit(f"{name}: pass a 2-d embedding without NaN/inf (shape {X.shape}).")
+    from histovi.metrics import n_label_classes
+
     adata = _data.load(args.data, cache_dir=CACHE)
     labels = adata.obs[_data.LABEL_KEY].astype(object).to_numpy()
     sections = scored_spots(adata)
@@ -209,6 +267,21 @@ def main(argv=None) -> pd.DataFrame:
         + _markdown(wide.sort_values("mean", ascending=False))
     )
     (out / "label_probe.md").write_text(md)
+    print(md)
+
+    group_key = "patient" if "patient" in adata.obs else "sample"
+    groups = adata.obs[group_key].astype(str).to_numpy()
+    k = n_label_classes(labels, _data.IGNORE_LABELS)  # the benchmark's k
+    parts = []
+    for (name, seed), X in embeddings.items():
+        if name in SECTION_ALONE:
+            continue
+        part = cluster_composition(X, labels, groups, k, seed)
+        parts.append(part.assign(embedding=name, seed=seed, rank=np.arange(len(part))))
+    composition = pd.concat(parts, ignore_index=True)
+    composition.to_csv(out / "composition.csv", index=False)
+    md = _composition_markdown(composition, args.data, group_key)
+    (out / "composition.md").write_text(md)
     print(md)
     return table
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -187,7 +188,7 @@ def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     labels = adata.obs[_data.LABEL_KEY].astype(str).to_numpy()
     codes = np.unique(labels, return_inverse=True)[1]
-    planted = np.eye(codes.max() + 1)[codes] * 5 + rng.normal(size=(adata.n_obs, codes.max() + 1))
+    planted = np.eye(codes.max() + 1)[codes] * 20 + rng.normal(size=(adata.n_obs, codes.max() + 1))
     np.save(tmp_path / "planted.npy", planted)
     np.save(tmp_path / "noise.npy", rng.normal(size=(adata.n_obs, 4)))
     table = label_probe.main(
@@ -211,6 +212,16 @@ def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
     assert len(refs) and refs["transfer"].isna().all()
     assert (refs["balanced_accuracy"] > chance).all()
     assert (tmp_path / "out" / "label_probe.md").read_text().count("| planted |") == 1
+    # where the clusters go: the planted embedding's clusters are each one label, every spot in
+    # exactly one cluster, and k is the number of labels
+    comp = pd.read_csv(tmp_path / "out" / "composition.csv")
+    planted_comp = comp[comp["embedding"] == "planted"]
+    assert len(planted_comp) == codes.max() + 1
+    assert planted_comp["n_spots"].sum() == adata.n_obs
+    assert (planted_comp["label_share"] > 0.9).all()
+    assert sorted(planted_comp["label"]) == sorted(np.unique(labels))
+    assert not comp["embedding"].isin(label_probe.SECTION_ALONE).any()
+    assert "| planted | 0 |" in (tmp_path / "out" / "composition.md").read_text()
 
 
 def test_label_probe_refuses_bad_embeddings(tmp_path):
