@@ -27,7 +27,8 @@ It also says where the benchmark's own clusters go: each embedding (not the sect
 references) is clustered as ``integration.py`` does (GMM, k = number of labels, all spots,
 clustering seed = the embedding's seed), and every cluster is described by its size, the
 patient (``obs['patient']``, else the section) most of its spots come from, with that share,
-and the label most of its labelled spots carry, with that share. A cluster that is 95 % one
+and the label most of its labelled spots carry, with that share; next to it, the embedding's ARI
+as ``integration.py`` scores one seed. A cluster that is 95 % one
 patient's spots spends one of the k clusters on that patient. Written to
 ``<out>/composition.csv`` and ``<out>/composition.md``.
 """
@@ -163,11 +164,13 @@ def _composition_markdown(table: pd.DataFrame, data: str, group_key: str) -> str
     lines = [
         f"Where the clusters go on {data}: GMM on the pooled embedding, k = number of labels, "
         f"clusters largest first; each cell is `spots; commonest {group_key} (share); commonest "
-        "label (share of the cluster's labelled spots)`.\n",
-        "| embedding | seed | "
+        "label (share of the cluster's labelled spots)`. ARI: the benchmark's score of the embedding "
+        "(GMM and k-means, clustering seed = the embedding's seed, mean over labelled "
+        "sections).\n",
+        "| embedding | seed | ARI | "
         + " | ".join(f"cluster {i + 1}" for i in range(table["rank"].max() + 1))
         + " |",
-        "|---|---|" + "---|" * (table["rank"].max() + 1),
+        "|---|---|---|" + "---|" * (table["rank"].max() + 1),
     ]
     for (name, seed), part in table.groupby(["embedding", "seed"], sort=False):
         cells = [
@@ -175,7 +178,8 @@ def _composition_markdown(table: pd.DataFrame, data: str, group_key: str) -> str
             + (f"{r.label} ({r.label_share:.2f})" if r.label else "no label")
             for r in part.sort_values("rank").itertuples()
         ]
-        lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+        ari = part["ARI"].iloc[0]
+        lines.append(f"| {name} | {seed} | {ari:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +216,7 @@ def main(argv=None) -> pd.DataFrame:
     for (name, _), X in embeddings.items():
         if X.ndim != 2 or not np.isfinite(X).all():
             raise SystemExit(f"{name}: pass a 2-d embedding without NaN/inf (shape {X.shape}).")
-    from histovi.metrics import n_label_classes
+    from histovi.metrics import cluster_and_score, n_label_classes
 
     adata = _data.load(args.data, cache_dir=CACHE)
     labels = adata.obs[_data.LABEL_KEY].astype(object).to_numpy()
@@ -277,7 +281,19 @@ def main(argv=None) -> pd.DataFrame:
         if name in SECTION_ALONE:
             continue
         part = cluster_composition(X, labels, groups, k, seed)
-        parts.append(part.assign(embedding=name, seed=seed, rank=np.arange(len(part))))
+        # the benchmark's score of this embedding: GMM and k-means, clustering seed = its seed
+        score = cluster_and_score(
+            X, labels, adata.obs[_data.SAMPLE_KEY].to_numpy(), n_clusters=k, seeds=(seed,)
+        )
+        parts.append(
+            part.assign(
+                embedding=name,
+                seed=seed,
+                ARI=score["ARI"].mean(),
+                NMI=score["NMI"].mean(),
+                rank=np.arange(len(part)),
+            )
+        )
     composition = pd.concat(parts, ignore_index=True)
     composition.to_csv(out / "composition.csv", index=False)
     md = _composition_markdown(composition, args.data, group_key)

@@ -222,6 +222,8 @@ def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
     assert sorted(planted_comp["label"]) == sorted(np.unique(labels))
     assert not comp["embedding"].isin(label_probe.SECTION_ALONE).any()
     assert "| planted | 0 |" in (tmp_path / "out" / "composition.md").read_text()
+    ari = comp.groupby("embedding")["ARI"].first()
+    assert ari["planted"] > 0.9 and ari["noise"] < 0.2
 
 
 def test_label_probe_refuses_bad_embeddings(tmp_path):
