@@ -99,11 +99,14 @@ def run_method(
     seeds: Sequence[int],
     ctx: _methods.Context,
     emb_dir: Path,
+    key: dict | None = None,
 ) -> dict[str, Any]:
     """Run one method for every seed in this process; save each embedding to ``emb_dir``.
 
     Returns a record with ``status`` ('ok' | 'failed'), per-seed ``runs`` (wall_s, info) and
-    ``peak_mb`` (peak RSS above the RSS before the first seed).
+    ``peak_mb`` (peak RSS above the RSS before the first seed). With ``key`` (the run's
+    settings), each finished seed also leaves ``<method>_seed<S>.json`` beside its embedding,
+    so that an interrupted run resumed with ``--reuse`` only trains the seeds it lacks.
     """
     fn, modules = _methods.resolve(method, ctx)
     for module in modules:  # import cost is not the method's
@@ -133,7 +136,16 @@ def run_method(
                 break
             ctx.previous[(method, int(seed))] = X
             np.save(emb_dir / f"{_safe(method)}_seed{seed}.npy", X)
-            record["runs"].append({"seed": int(seed), "wall_s": wall, "info": dict(ctx.info)})
+            run = {"seed": int(seed), "wall_s": wall, "info": dict(ctx.info)}
+            record["runs"].append(run)
+            if key is not None:
+                seed_peak = max(sampler.peak, _maxrss_bytes()) - rss0
+                (emb_dir / f"{_safe(method)}_seed{seed}.json").write_text(
+                    json.dumps(
+                        {"key": key, "run": run, "peak_mb": max(seed_peak, 0) / 2**20},
+                        default=str,
+                    )
+                )
     maxrss1 = _maxrss_bytes()
     peak = sampler.peak - rss0
     if maxrss1 > maxrss0:
@@ -141,6 +153,24 @@ def run_method(
     record["peak_mb"] = max(peak, 0) / 2**20
     record["baseline_rss_mb"] = rss0 / 2**20
     return record
+
+
+def _finished_seeds(emb_dir: Path, method: str, key: dict) -> dict[int, dict]:
+    """Seeds of ``method`` that an earlier, interrupted run with the same settings finished:
+    their per-seed record and embedding are both on disk."""
+    done = {}
+    for seed in key["seeds"]:
+        stem = emb_dir / f"{_safe(method)}_seed{seed}"
+        path = stem.with_suffix(".json")
+        if not (path.exists() and stem.with_suffix(".npy").exists()):
+            continue
+        saved = json.loads(path.read_text())
+        same = {k: v for k, v in saved["key"].items() if k != "seeds"} == {
+            k: v for k, v in key.items() if k != "seeds"
+        }
+        if same:
+            done[int(seed)] = saved
+    return done
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -170,7 +200,7 @@ def _worker(spec_path: str) -> None:
             path = emb_dir / f"{_safe(dep)}_seed{seed}.npy"
             if path.exists():
                 ctx.previous[(dep, int(seed))] = np.load(path)
-    record = run_method(adata, spec["method"], spec["seeds"], ctx, emb_dir)
+    record = run_method(adata, spec["method"], spec["seeds"], ctx, emb_dir, spec.get("key"))
     Path(spec["record"]).write_text(json.dumps(record, default=str))
 
 
@@ -183,8 +213,10 @@ def _run_isolated(
     variants: dict,
     previous: list[str],
     threads: int | None = None,
+    key: dict | None = None,
 ) -> dict[str, Any]:
     spec = {
+        "key": key,
         "method": method,
         "seeds": [int(s) for s in seeds],
         "prepared": str(prepared),
@@ -612,7 +644,8 @@ def run_benchmark(
     reuse
         Reuse a method's finished record (and embeddings) from an earlier run in the same
         ``out/<data>/work`` when it ran with the same seeds, epochs and settings (resume an
-        interrupted run, or add a method to a finished one).
+        interrupted run, or add a method to a finished one); of a method that was interrupted,
+        reuse the seeds it finished (same epochs and settings) and train only the others.
     """
     if not seeds:
         raise ValueError("`seeds` is empty: pass at least one seed (the protocol asks for 3).")
@@ -673,19 +706,32 @@ def run_benchmark(
                 embeddings[(method, r["seed"])] = np.load(path)
             print(f"[{method}] reused from {old_path}", flush=True)
             continue
-        if in_process:
-            rec = run_method(adata, method, seeds, ctx, work / "embeddings")
+        done = _finished_seeds(work / "embeddings", method, key) if reuse else {}
+        todo = [int(x) for x in seeds if int(x) not in done]
+        if done:
+            print(f"[{method}] seeds {sorted(done)} reused from an interrupted run", flush=True)
+        if not todo:
+            rec = {"method": method, "status": "ok", "runs": []}
+        elif in_process:
+            rec = run_method(adata, method, todo, ctx, work / "embeddings", key)
         else:
             rec = _run_isolated(
                 method,
-                seeds,
+                todo,
                 prepared,
                 work,
                 max_epochs,
                 variants,
                 previous=["scVI"] if method == "scVI+agg" else [],
                 threads=threads,
+                key=key,
             )
+        if done:
+            rec["runs"] = sorted(
+                [d["run"] for d in done.values()] + rec["runs"], key=lambda r: r["seed"]
+            )
+            rec["peak_mb"] = max([rec.get("peak_mb", 0.0)] + [d["peak_mb"] for d in done.values()])
+            rec["resumed_seeds"] = sorted(done)
         if method == "scVI+agg" and "scVI" in records and records["scVI"]["status"] == "ok":
             # the CellCharter latent is scVI's plus aggregation: charge scVI's cost to it too
             scvi_runs = {r["seed"]: r for r in records["scVI"]["runs"]}

@@ -155,6 +155,34 @@ def test_merge_pools_runs_split_by_seed(tmp_path):
         integration.merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "x", "sim_tiny")
 
 
+def test_reuse_resumes_the_finished_seeds_of_an_interrupted_method(tmp_path, capsys):
+    """A method stopped after some seeds keeps them: --reuse trains only the missing seeds."""
+    kw = {"out": tmp_path / "r", "in_process": True, "make_figures": False}
+    integration.run_benchmark("sim_tiny", ["PCA"], seeds=[0], **kw)
+    work = tmp_path / "r" / "sim_tiny" / "work"
+    (work / "record_PCA.json").unlink()  # killed before the method's record was written
+    emb0 = work / "embeddings" / "PCA_seed0.npy"
+    before = (emb0.stat().st_mtime_ns, np.load(emb0))
+    capsys.readouterr()
+    res = integration.run_benchmark("sim_tiny", ["PCA"], seeds=[0, 1], reuse=True, **kw)
+    assert "seeds [0] reused" in capsys.readouterr().out
+    assert emb0.stat().st_mtime_ns == before[0]  # seed 0 was not run again
+    record = json.loads((work / "record_PCA.json").read_text())
+    assert record["resumed_seeds"] == [0] and [r["seed"] for r in record["runs"]] == [0, 1]
+    assert res["table"][0]["n_seeds"] == 2
+    fresh = integration.run_benchmark(
+        "sim_tiny", ["PCA"], seeds=[0, 1], out=tmp_path / "f", in_process=True, make_figures=False
+    )
+    assert sorted((r["seed"], r["sample"], r["ARI"]) for r in res["per_section"]) == sorted(
+        (r["seed"], r["sample"], r["ARI"]) for r in fresh["per_section"]
+    )
+    # a finished seed run with other settings is not reused
+    (work / "record_PCA.json").unlink()
+    capsys.readouterr()
+    integration.run_benchmark("sim_tiny", ["PCA"], seeds=[0, 1], reuse=True, max_epochs=3, **kw)
+    assert "reused" not in capsys.readouterr().out
+
+
 def test_epoch_curve_scores_every_n_epochs(tmp_path, capsys):
     """epoch_curve.py: one row per scored epoch (the last one included), JSON and figure written."""
     epoch_curve = pytest.importorskip("epoch_curve")
