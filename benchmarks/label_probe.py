@@ -28,9 +28,9 @@ references) is clustered as ``integration.py`` does (GMM, k = number of labels, 
 clustering seed = the embedding's seed), and every cluster is described by its size, the
 patient (``obs['patient']``, else the section) most of its spots come from, with that share,
 and the label most of its labelled spots carry, with that share; next to it, the embedding's ARI
-as ``integration.py`` scores one seed. A cluster that is 95 % one
-patient's spots spends one of the k clusters on that patient. Written to
-``<out>/composition.csv`` and ``<out>/composition.md``.
+as ``integration.py`` scores one seed. A cluster that is 95 % one patient's spots spends one of
+the k clusters on that patient. Written to ``<out>/composition.csv`` and
+``<out>/composition.md``.
 """
 
 from __future__ import annotations
