@@ -140,12 +140,15 @@ def run_method(
             record["runs"].append(run)
             if key is not None:
                 seed_peak = max(sampler.peak, _maxrss_bytes()) - rss0
-                (emb_dir / f"{_safe(method)}_seed{seed}.json").write_text(
+                # written aside and renamed, so a kill mid-write leaves no half record
+                path = emb_dir / f"{_safe(method)}_seed{seed}.json"
+                path.with_suffix(".tmp").write_text(
                     json.dumps(
                         {"key": key, "run": run, "peak_mb": max(seed_peak, 0) / 2**20},
                         default=str,
                     )
                 )
+                path.with_suffix(".tmp").replace(path)
     maxrss1 = _maxrss_bytes()
     peak = sampler.peak - rss0
     if maxrss1 > maxrss0:
@@ -164,7 +167,11 @@ def _finished_seeds(emb_dir: Path, method: str, key: dict) -> dict[int, dict]:
         path = stem.with_suffix(".json")
         if not (path.exists() and stem.with_suffix(".npy").exists()):
             continue
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            print(f"[{method}] {path.name} is unreadable: seed {seed} runs again", flush=True)
+            continue
         same = {k: v for k, v in saved["key"].items() if k != "seeds"} == {
             k: v for k, v in key.items() if k != "seeds"
         }

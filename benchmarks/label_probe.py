@@ -74,12 +74,17 @@ def transfer(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, 
     return float(balanced_accuracy_score(y[test], clf.predict(X[test])))
 
 
+def _labelled(labels: np.ndarray) -> np.ndarray:
+    """Spots with a label the benchmark scores (not missing, not ignored)."""
+    return pd.notna(labels) & ~pd.Series(labels).isin(_data.IGNORE_LABELS).to_numpy()
+
+
 def scored_spots(adata) -> dict[str, np.ndarray]:
     """Per labelled section: boolean mask of the spots scored (ignored labels and classes with
     fewer than MIN_CLASS spots in the section left out)."""
     labels = adata.obs[_data.LABEL_KEY].astype(object)
     samples = adata.obs[_data.SAMPLE_KEY].astype(str).to_numpy()
-    ok = (labels.notna() & ~labels.isin(_data.IGNORE_LABELS)).to_numpy()
+    ok = _labelled(labels.to_numpy())
     out = {}
     for s in pd.unique(samples[ok]):
         mask = ok & (samples == s)
@@ -141,7 +146,7 @@ def cluster_composition(
     from histovi.tl import cluster_embedding
 
     clusters = cluster_embedding(X, k, "gmm", random_state=seed)
-    labelled = pd.notna(labels) & ~pd.Series(labels).isin(_data.IGNORE_LABELS).to_numpy()
+    labelled = _labelled(labels)
     rows = []
     for c in np.unique(clusters):
         member = clusters == c

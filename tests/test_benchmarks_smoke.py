@@ -176,6 +176,13 @@ def test_reuse_resumes_the_finished_seeds_of_an_interrupted_method(tmp_path, cap
     assert sorted((r["seed"], r["sample"], r["ARI"]) for r in res["per_section"]) == sorted(
         (r["seed"], r["sample"], r["ARI"]) for r in fresh["per_section"]
     )
+    # an unreadable per-seed record is run again, not trusted
+    (work / "record_PCA.json").unlink()
+    (work / "embeddings" / "PCA_seed1.json").write_text("{trunc")
+    capsys.readouterr()
+    integration.run_benchmark("sim_tiny", ["PCA"], seeds=[0, 1], reuse=True, **kw)
+    out = capsys.readouterr().out
+    assert "seeds [0] reused" in out and "PCA_seed1.json is unreadable" in out
     # a finished seed run with other settings is not reused
     (work / "record_PCA.json").unlink()
     capsys.readouterr()
