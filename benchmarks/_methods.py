@@ -44,7 +44,6 @@ HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     # an expression-embedding view (obsm['X_fm'], see _data.py) beside the counts
     "HistoVI+FM": {"embeddings": {"fm": "X_fm"}},
     # an encoder expert on the neighbours' mean counts (the niche is encoded, not only decoded)
-    "HistoVI+nicheEnc": {"niche_encoder": True},
 }
 
 #: Baselines, in the order they run (scVI before scVI+agg so that the latter reuses its latent).

@@ -151,54 +151,6 @@ def test_bad_weights_are_refused_by_name(small_adata, kwargs):
         _model(small_adata, **kwargs)
 
 
-def test_niche_encoder_sees_the_neighbourhood(small_adata, tmp_path):
-    model = _model(small_adata, niche_encoder=True)
-    assert model.module.niche_encoder is not None
-    model.train(**TRAIN)
-    z = model.get_latent_representation()
-    assert np.isfinite(z).all()
-    # the latent of a spot now depends on who its neighbours are
-    shuffled = small_adata.copy()
-    nbrs = shuffled.obsm["spatial_neighbors"]
-    shuffled.obsm["spatial_neighbors"] = nbrs[np.random.default_rng(0).permutation(len(nbrs))]
-    assert not np.allclose(model.get_latent_representation(shuffled), z, atol=1e-4)
-    # a subset by row numbers keeps the whole graph (same latent rows)
-    rows = np.arange(7)
-    np.testing.assert_allclose(model.get_latent_representation(indices=rows), z[rows], atol=1e-6)
-    model.save(tmp_path / "m", save_anndata=False)
-    loaded = HistoVI.load(tmp_path / "m", adata=small_adata)
-    assert np.array_equal(loaded.get_latent_representation(), z)
-
-
-def test_niche_encoder_takes_part_in_the_cycle(small_adata):
-    model = _model(small_adata, niche_encoder=True, cycle_weight=1.0)
-    module = model.module
-    tensors = next(iter(model._make_data_loader(model.adata, batch_size=32)))
-    module.train()
-    inference = module.inference(**module._get_inference_input(tensors))
-    module._cycle_loss(tensors, inference).backward()
-    for net in (module.niche_encoder, module.niche_decoder):
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        assert grads and any(g.abs().sum() > 0 for g in grads)
-
-
-def test_niche_encoder_without_neighbour_counts_says_how_to_load(small_adata):
-    model = _model(small_adata, niche_encoder=True)
-    tensors = next(iter(model._make_data_loader(model.adata, batch_size=8)))
-    inputs = model.module._get_inference_input(tensors)
-    inputs["niche"] = None
-    with pytest.raises(ValueError, match="NeighborhoodDataLoader"):
-        model.module.inference(**inputs)
-
-
-def test_niche_encoder_needs_the_neighbour_graph(small_adata):
-    HistoVI.setup_anndata(small_adata, layer="counts", batch_key="sample")
-    with pytest.raises(ValueError, match="neighbors_key"):
-        HistoVI(small_adata, niche_encoder=True)
-    with pytest.raises(ValueError, match="use_niche"):
-        _model(small_adata, niche_encoder=True, use_niche=False)
-
-
 def test_normalized_input_keeps_sequencing_depth_out_of_z(small_adata):
     """With normalize_input the posterior of a spot ignores its depth (the decoder models it)."""
     for normalize, depth_free in ((True, True), (False, False)):

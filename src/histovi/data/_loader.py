@@ -16,16 +16,28 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from ..module._module import (
     ANCHOR_MASK_KEY,
     ANCHOR_TARGET_KEY,
+    NEIGHBOR_LATENT_KEY,
     NEIGHBORS_REGISTRY_KEY,
     NICHE_KEY,
 )
+from ._context import NeighborContext
 
 
 class NeighborhoodDataset(Dataset):
-    """Rows ``indices`` of a registered AnnData, plus the summed counts of their neighbours."""
+    """Rows ``indices`` of a registered AnnData, plus the summed counts of their neighbours
+    (``gather_niche``) and the mean latent of their neighbours (when a ``context`` bank is
+    given)."""
 
-    def __init__(self, adata_manager, indices, data_and_attributes=None):
+    def __init__(
+        self,
+        adata_manager,
+        indices,
+        data_and_attributes=None,
+        context: NeighborContext | None = None,
+        gather_niche: bool = True,
+    ):
         self.indices = np.asarray(indices)
+        self.context = context
         registry = adata_manager.data_registry
         keys = data_and_attributes
         if keys is None:
@@ -43,7 +55,7 @@ class NeighborhoodDataset(Dataset):
         self.anchor_target: np.ndarray | None = None
         self.anchor_mask: np.ndarray | None = None
         self.neighbors = None
-        if NEIGHBORS_REGISTRY_KEY in registry:
+        if NEIGHBORS_REGISTRY_KEY in registry and gather_niche:
             # Row numbers must stay int64: the default float32 loading would corrupt them.
             self.neighbors = np.asarray(
                 adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY)
@@ -60,6 +72,10 @@ class NeighborhoodDataset(Dataset):
         data = self.base[rows]
         if self.neighbors is not None:
             data[NICHE_KEY] = self.niche_counts(rows)
+        if self.context is not None:
+            nbr_latent = self.context.neighbor_mean(rows)
+            if nbr_latent is not None:
+                data[NEIGHBOR_LATENT_KEY] = nbr_latent
         if self.anchor_target is not None:
             data[ANCHOR_TARGET_KEY] = self.anchor_target[rows]
             data[ANCHOR_MASK_KEY] = self.anchor_mask[rows]
@@ -85,7 +101,8 @@ class NeighborhoodDataset(Dataset):
 
 
 class NeighborhoodDataLoader(DataLoader):
-    """Drop-in for :class:`scvi.dataloaders.AnnDataLoader` that adds ``niche_counts``."""
+    """Drop-in for :class:`scvi.dataloaders.AnnDataLoader` that adds ``niche_counts`` and
+    ``neighbor_latent``."""
 
     def __init__(
         self,
@@ -96,6 +113,8 @@ class NeighborhoodDataLoader(DataLoader):
         drop_last: bool = False,
         data_and_attributes=None,
         load_sparse_tensor: bool = False,
+        context: NeighborContext | None = None,
+        gather_niche: bool = True,
         **kwargs,
     ):
         if indices is None:
@@ -104,7 +123,9 @@ class NeighborhoodDataLoader(DataLoader):
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
         self.indices = indices
-        dataset = NeighborhoodDataset(adata_manager, indices, data_and_attributes)
+        dataset = NeighborhoodDataset(
+            adata_manager, indices, data_and_attributes, context=context, gather_niche=gather_niche
+        )
         sampler = BatchSampler(
             RandomSampler(dataset) if shuffle else SequentialSampler(dataset),
             batch_size=batch_size,

@@ -34,6 +34,7 @@ from .._validation import (
     require_obsm,
 )
 from ..data._anchors import AnchorCallback
+from ..data._context import NeighborContext, NeighborContextCallback, context_bank
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
 
@@ -121,11 +122,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         existed used; they load back with it.
     **module_kwargs
         Passed to :class:`~histovi.module.HistoVAE`, e.g. ``encode_covariates=False`` or
-        ``niche_encoder=True``: an encoder expert on the mean counts of the spot's spatial
-        neighbours, so that the latent sees the neighbourhood instead of only being asked to
-        predict it. Opt-in: in the integration benchmark (30 epochs, seeds 0-2) it changed
-        neither the simulator's ARI (0.78 ± 0.05 vs 0.75 ± 0.02) nor her2st's beyond the
-        seed-to-seed spread, and did not separate the simulator's neighbourhood-only domain pair.
+        ``view_agreement_weight=1``.
 
     Examples
     --------
@@ -159,6 +156,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         anchor_weight: float = 0.0,
         view_dropout: float = 0.3,
         normalize_input: bool = True,
+        spatial_prior: bool = True,
+        spatial_hops: int = 1,
+        view_standardization: str = "global",
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -179,12 +179,23 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             )
         if not 0 <= view_dropout <= 1:
             raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
+        if not isinstance(spatial_hops, int | np.integer) or spatial_hops < 1:
+            raise ValueError(f"spatial_hops={spatial_hops!r}: pass an integer >= 1.")
         setup = self.adata_manager.registry["setup_args"]
         views = self._registered_views()
         if not use_morphology:
             views.pop(MORPHOLOGY_VIEW, None)
         if not use_embeddings:
             views = {k: v for k, v in views.items() if k == MORPHOLOGY_VIEW}
+        if view_standardization not in ("sample", "global"):
+            raise ValueError(
+                f"view_standardization={view_standardization!r}: pass 'sample' (centre and scale "
+                "each view within each sample) or 'global'."
+            )
+        n_batch = self.summary_stats.n_batch
+        batch_codes = np.asarray(
+            self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
+        ).ravel().astype(np.int64)
         view_dims, view_means, view_stds = {}, {}, {}
         for name in views:
             values = np.asarray(
@@ -197,18 +208,15 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 present = slice(None)
                 values = np.zeros_like(values)
             view_dims[name] = values.shape[1]
-            view_means[name] = torch.tensor(values[present].mean(0), dtype=torch.float32)
-            view_stds[name] = torch.tensor(values[present].std(0) + 1e-6, dtype=torch.float32)
+            mean, std = values[present].mean(0), values[present].std(0) + 1e-6
+            if view_standardization == "sample":
+                mean, std = _per_sample_moments(values, present, batch_codes, n_batch, mean, std)
+            view_means[name] = torch.tensor(mean, dtype=torch.float32)
+            view_stds[name] = torch.tensor(std, dtype=torch.float32)
 
         has_neighbors = NEIGHBORS_REGISTRY_KEY in self.adata_manager.data_registry
         if use_niche and not has_neighbors:
             logger.info("No neighbors_key registered: training without the neighbourhood view.")
-        if module_kwargs.get("niche_encoder") and not (use_niche and has_neighbors):
-            raise ValueError(
-                "niche_encoder=True encodes the spatial neighbourhood: it needs use_niche=True and "
-                "a neighbour graph registered with setup_anndata(..., neighbors_key=...) (compute "
-                "it with histovi.pp.spatial_neighbors)."
-            )
         n_neighbors = (
             self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1]
             if has_neighbors
@@ -238,6 +246,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             anchor_weight=anchor_weight,
             view_dropout=view_dropout,
             normalize_input=normalize_input,
+            spatial_prior=bool(spatial_prior) and has_neighbors,
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
             **module_kwargs,
@@ -254,6 +263,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             "embedding_records": _plain(uns.get("embeddings")),
             "spatial_neighbors_record": _plain(uns.get("spatial_neighbors")),
             "normalize_input": bool(normalize_input),
+            "spatial_hops": int(spatial_hops),
         }
         self._model_summary_string = (
             f"HistoVI: n_latent={n_latent}, views=expression"
@@ -261,6 +271,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
             + f", cycle_weight={cycle_weight}, alignment_weight={alignment_weight}"
             + f", normalize_input={normalize_input}"
+            + (f", spatial_prior(hops={spatial_hops})" if spatial_prior and has_neighbors else "")
             + (f", anchor_weight={anchor_weight}" if anchor_weight else "")
             + f", n_batch={self.summary_stats.n_batch}"
         )
@@ -544,6 +555,17 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             plan_kwargs.setdefault("weight_decay", 0.0)
         if checkpoint_dir is not None:
             trainer_kwargs.update(_checkpointing(checkpoint_dir, trainer_kwargs))
+        if getattr(self.module, "spatial_prior", False):
+            # the loaders read the neighbours' latents from a bank refreshed every epoch
+            context = NeighborContext(self._neighbors())
+            callbacks = list(trainer_kwargs.get("callbacks") or [])
+            callbacks.append(
+                NeighborContextCallback(context, self.adata_manager, hops=self._spatial_hops())
+            )
+            trainer_kwargs["callbacks"] = callbacks
+            splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+            splitter_kwargs.setdefault("context", context)
+            trainer_kwargs["datasplitter_kwargs"] = splitter_kwargs
         if getattr(self.module, "anchor_weight", 0) > 0 and not getattr(self, "is_query_", False):
             callbacks = list(trainer_kwargs.get("callbacks") or [])
             callbacks.append(AnchorCallback())
@@ -563,6 +585,29 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             record["train_spot_epochs"] = record.get("train_spot_epochs", 0) + n * max_epochs
         return out
 
+    def _neighbors(self, adata_manager=None) -> np.ndarray:
+        manager = adata_manager or self.adata_manager
+        return np.asarray(manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64)
+
+    def _spatial_hops(self) -> int:
+        return int(self.histovi_setup_.get("spatial_hops", 1))
+
+    def _make_data_loader(self, adata, indices=None, batch_size=None, shuffle=False, **kwargs):
+        """scvi-tools' loader for inference, plus the neighbours' latents the spatial prior
+        needs: computed for the spots within ``spatial_hops`` of ``indices``, so a subset is
+        embedded exactly as within the whole data set."""
+        if getattr(self.module, "spatial_prior", False) and "context" not in kwargs:
+            manager = self.get_anndata_manager(adata)
+            rows = np.arange(manager.adata.n_obs) if indices is None else np.asarray(indices)
+            if rows.dtype == bool:
+                rows = np.flatnonzero(rows)
+            kwargs["context"] = context_bank(
+                self.module, manager, rows.astype(np.int64), hops=self._spatial_hops()
+            )
+        return super()._make_data_loader(
+            adata, indices=indices, batch_size=batch_size, shuffle=shuffle, **kwargs
+        )
+
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
     def get_latent_representation(
@@ -575,8 +620,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
     ) -> np.ndarray:
         """Latent representation (posterior mean by default) of every spot, shape (n, n_latent).
 
-        ``indices`` are row numbers of ``adata`` (default: the registered AnnData). The latent of
-        a spot depends only on its own views, so subsets need no neighbour remapping.
+        ``indices`` are row numbers of ``adata`` (default: the registered AnnData). With the
+        spatial prior a spot's latent also depends on its neighbours: their latents are computed
+        as well (the spots within ``spatial_hops`` steps of ``indices``), so a spot gets the same
+        latent whether it is embedded alone or with the whole data set.
         """
         return super().get_latent_representation(
             adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
@@ -720,6 +767,23 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+#: A sample needs this many spots with a view for its own centring and scaling of that view.
+MIN_SPOTS_PER_SAMPLE_MOMENTS = 20
+
+
+def _per_sample_moments(values, present, batch_codes, n_batch, mean, std):
+    """Mean and sd of a view within each sample (``n_batch x dim``); samples with too few
+    spots with the view fall back to the moments of all spots."""
+    means = np.tile(mean, (n_batch, 1))
+    stds = np.tile(std, (n_batch, 1))
+    for b in range(n_batch):
+        rows = present & (batch_codes == b)
+        if rows.sum() >= MIN_SPOTS_PER_SAMPLE_MOMENTS:
+            means[b] = values[rows].mean(0)
+            stds[b] = values[rows].std(0) + 1e-6
+    return means, stds
 
 
 def _restore_encoder_input(model: HistoVI) -> None:

@@ -8,8 +8,8 @@ Views of a spot and how they enter the model:
   and that reconstruction term;
 * the spatial neighbourhood: a negative-binomial decoder of the summed counts of the spot's
   neighbours (the niche), which makes z describe the spot's surroundings as well as the spot;
-  optionally (``niche_encoder``) also an encoder expert q(z | mean neighbour counts, s), so that
-  z can *see* the neighbourhood and not only be asked to predict it from the spot alone.
+  and a spatial prior centred on the neighbours' latent (``spatial_prior``), through which z
+  *sees* the neighbourhood instead of only being asked to predict it from the spot alone.
 
 The experts are fused as a product of Gaussian experts with the standard-normal prior as one
 expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
@@ -36,6 +36,9 @@ NICHE_KEY = "niche_counts"
 ANCHOR_TARGET_KEY = "anchor_target"
 ANCHOR_MASK_KEY = "anchor_mask"
 NEIGHBORS_REGISTRY_KEY = "spatial_neighbors"
+#: Minibatch key of the mean latent of each spot's spatial neighbours (the spatial prior's
+#: centre), filled by the data loader from a per-epoch bank (see histovi.data._context).
+NEIGHBOR_LATENT_KEY = "neighbor_latent"
 
 
 def view_registry_key(name: str) -> str:
@@ -88,8 +91,9 @@ class HistoVAE(BaseModuleClass):
     view_dims
         Width of each embedding view, e.g. ``{"morphology": 64}``.
     view_means, view_stds
-        Per-dimension centring and scaling of each view (from the reference data), stored as
-        buffers so that queries are standardised exactly like the reference.
+        Per-dimension centring and scaling of each view, one vector for all spots or one row per
+        sample (``n_batch x dim``), stored as buffers so that a reference's samples are
+        standardised the same way when a query is mapped.
     n_latent, n_hidden, n_layers, dropout_rate
         Network sizes, as in scVI.
     use_niche
@@ -110,9 +114,17 @@ class HistoVAE(BaseModuleClass):
         Give the encoders the covariates (needed for scArches query columns in the encoders).
     view_dropout
         Share of spots whose embedding views are hidden from the encoder at each training step.
-    niche_encoder
-        Add an encoder expert on the mean counts of the spot's spatial neighbours (needs the
-        neighbour graph at inference as well; the loader gathers it).
+    spatial_prior
+        Replace the standard-normal prior of each spot by a spatial conditional prior,
+        ``N(0, I) x N(mean latent of its neighbours, 1 / lambda)``, with a precision ``lambda``
+        per latent dimension learned from the data (0: the standard prior). The prior is also an
+        expert of the posterior, so a spot's latent borrows from its neighbours as much as the
+        tissue's spatial coherence (learned) and the spot's own uncertainty allow: strongly in
+        smooth, layered tissue and for shallow spots, little in patchy tissue. The neighbours'
+        latents come with each minibatch (``neighbor_latent``, see :mod:`histovi.data._context`).
+    view_agreement_weight
+        Weight of the Jeffreys divergence between each view's expert and the expression expert
+        (0 turns it off): a view may then only move the latent where expression is uncertain.
     normalize_input
         Scale each spot's counts to 10,000 before the log that feeds the encoders, so that
         sequencing depth does not enter z (the decoders use the observed library). Off here for
@@ -142,10 +154,16 @@ class HistoVAE(BaseModuleClass):
         encode_covariates: bool = True,
         cycle_weight: float = 0.0,
         anchor_weight: float = 0.0,
-        niche_encoder: bool = False,
         normalize_input: bool = False,
+        spatial_prior: bool = False,
+        view_agreement_weight: float = 0.0,
     ):
         super().__init__()
+        self.view_agreement_weight = float(view_agreement_weight)
+        self.spatial_prior = bool(spatial_prior)
+        if self.spatial_prior:
+            # log lambda; 0: at the start the neighbours count as much as the N(0, I) prior
+            self.spatial_log_precision = nn.Parameter(torch.zeros(n_latent))
         self.normalize_input = normalize_input
         self.encode_covariates = encode_covariates
         self.cycle_weight = cycle_weight
@@ -197,11 +215,6 @@ class HistoVAE(BaseModuleClass):
         if use_niche:
             self.niche_decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
             self.niche_r = nn.Parameter(torch.randn(n_input))
-        self.niche_encoder = (
-            Encoder(n_input + n_cont, n_latent, dropout_rate=dropout_rate, **enc)
-            if use_niche and niche_encoder
-            else None
-        )
 
         if alignment_weight > 0 and n_batch > 1:
             self.batch_classifier = nn.Sequential(
@@ -221,11 +234,14 @@ class HistoVAE(BaseModuleClass):
         cont = tensors.get(REGISTRY_KEYS.CONT_COVS_KEY)
         return cat_list, cont
 
-    def _standardise_view(self, name, values):
+    def _standardise_view(self, name, values, batch=None):
         mask = ~torch.isnan(values).any(-1)
         values = torch.nan_to_num(values, nan=0.0)
         mean = getattr(self, f"_view_mean_{name}")
         std = getattr(self, f"_view_std_{name}")
+        if mean.dim() == 2:  # one row per sample (stain and scanner differ between sections)
+            rows = batch.long().view(-1)
+            mean, std = mean[rows], std[rows]
         values = (values - mean) / std
         return values * mask.unsqueeze(-1), mask.float()
 
@@ -242,7 +258,7 @@ class HistoVAE(BaseModuleClass):
             "cat_list": cat_list,
             "cont": cont,
             "views": views,
-            "niche": tensors.get(NICHE_KEY) if self.niche_encoder is not None else None,
+            "neighbor_latent": tensors.get(NEIGHBOR_LATENT_KEY) if self.spatial_prior else None,
         }
 
     def _get_generative_input(self, tensors, inference_outputs):
@@ -258,24 +274,44 @@ class HistoVAE(BaseModuleClass):
             "niche_library": None if niche is None else niche.sum(-1, keepdim=True),
         }
 
+    def spatial_precision(self) -> torch.Tensor:
+        """lambda > 0 per latent dimension: the precision of the neighbour expert of the prior."""
+        return self.spatial_log_precision.exp()
+
+    def _prior(self, neighbor_latent, like, detach: bool = False):
+        """Prior natural parameters per spot: precision and precision-weighted mean.
+
+        ``N(0, I)``, times ``N(neighbor_latent, 1 / lambda)`` where the neighbours' latent is known
+        (rows of NaN, or no tensor at all, keep the standard prior)."""
+        precision = torch.ones_like(like)
+        weighted_mean = torch.zeros_like(like)
+        if self.spatial_prior and neighbor_latent is not None:
+            known = ~torch.isnan(neighbor_latent).any(-1, keepdim=True)
+            lam = self.spatial_precision()
+            lam = (lam.detach() if detach else lam) * known
+            precision = precision + lam
+            weighted_mean = lam * torch.nan_to_num(neighbor_latent, nan=0.0)
+        return precision, weighted_mean
+
     @auto_move_data
-    def inference(self, x, cat_list, cont=None, views=None, niche=None, n_samples: int = 1):
-        """q(z | x, views, niche, s) as a product of Gaussian experts (prior included)."""
+    def inference(
+        self,
+        x,
+        cat_list,
+        cont=None,
+        views=None,
+        neighbor_latent=None,
+        n_samples: int = 1,
+    ):
+        """q(z | x, views, neighbours' latent, s) as a product of Gaussian experts (the prior
+        included)."""
         library = x.sum(-1, keepdim=True)
         x_in = self._log_input(x, cont)
-        niche_in = None
-        if self.niche_encoder is not None:
-            if niche is None:
-                raise ValueError(
-                    "This model encodes the spatial neighbourhood (niche_encoder=True) and needs "
-                    "the neighbour counts: load data with histovi's NeighborhoodDataLoader."
-                )
-            niche_in = self._log_input(niche / self.n_neighbors, cont)
         view_inputs, encoder_masks = {}, {}
         for name in self.view_names:
             if views is None or name not in views:
                 continue
-            values, mask = self._standardise_view(name, views[name])
+            values, mask = self._standardise_view(name, views[name], cat_list[0])
             view_inputs[name] = (values, mask)
             if self.training and self.view_dropout > 0:
                 # Hide the view from the encoder for a random share of spots (it is still
@@ -284,19 +320,39 @@ class HistoVAE(BaseModuleClass):
                 keep = torch.rand_like(mask) >= self.view_dropout
                 mask = mask * keep
             encoder_masks[name] = mask
+        experts = {}
         mean, precision = self._fuse(
             x_in,
             {n: v for n, (v, _) in view_inputs.items()},
             encoder_masks,
             cat_list,
             cont,
-            niche_in,
+            experts=experts,
         )
+        # _fuse includes the N(0, I) expert; swap it for the (spatial) prior of each spot. The
+        # posterior and the ELBO see lambda as a constant: it is fitted to the posteriors alone
+        # (``pz_fit``, an empirical-Bayes M-step in the loss), so neither the reconstruction
+        # term nor the KL weight's warm-up can pull it away from the tissue's spatial coherence.
+        prior_precision, prior_weighted_mean = self._prior(neighbor_latent, mean, detach=True)
+        data_precision = precision - 1.0
+        data_weighted_mean = mean * precision
+        precision = data_precision + prior_precision
+        mean = (data_weighted_mean + prior_weighted_mean) / precision
+        pz = Normal(prior_weighted_mean / prior_precision, prior_precision.rsqrt())
         qz = Normal(mean, precision.rsqrt())
+        pz_fit = None
+        if self.spatial_prior and neighbor_latent is not None:
+            fit_precision, fit_weighted_mean = self._prior(neighbor_latent, mean)
+            pz_fit = Normal(fit_weighted_mean / fit_precision, fit_precision.rsqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
         return {
             "z": z,
             "qz": qz,
+            "pz": pz,
+            "pz_fit": pz_fit,
+            "experts": experts,
+            "data_precision": data_precision,
+            "data_weighted_mean": data_weighted_mean,
             "library": library,
             "view_inputs": view_inputs,
             "encoder_masks": encoder_masks,
@@ -310,20 +366,21 @@ class HistoVAE(BaseModuleClass):
         out = torch.log1p(counts)
         return out if cont is None else torch.cat([out, cont], dim=-1)
 
-    def _fuse(self, x_in, view_values, view_masks, cat_list, cont, niche_in=None):
-        """Product of the Gaussian experts (prior, expression, the niche if encoded, each view
-        where its mask is 1): returns the posterior mean and precision."""
+    def _fuse(self, x_in, view_values, view_masks, cat_list, cont, experts=None):
+        """Product of the Gaussian experts (N(0, I), expression, each view
+        where its mask is 1): returns the posterior mean and precision. ``experts``, a dict,
+        receives each expert's ``(mean, variance)``."""
         enc_cats = cat_list if self.encode_covariates else []
         mu_x, var_x, _ = self.z_encoder(x_in, *enc_cats)
+        if experts is not None:
+            experts["expression"] = (mu_x, var_x)
         precision = 1.0 + 1.0 / var_x
         weighted_mean = mu_x / var_x
-        if niche_in is not None:
-            mu_n, var_n, _ = self.niche_encoder(niche_in, *enc_cats)
-            precision = precision + 1.0 / var_n
-            weighted_mean = weighted_mean + mu_n / var_n
         for name, values in view_values.items():
             v_in = values if cont is None else torch.cat([values, cont], dim=-1)
             mu_v, var_v, _ = self.view_encoders[name](v_in, *enc_cats)
+            if experts is not None:
+                experts[name] = (mu_v, var_v)
             mask = view_masks[name].unsqueeze(-1)
             precision = precision + mask / var_v
             weighted_mean = weighted_mean + mask * mu_v / var_v
@@ -349,6 +406,19 @@ class HistoVAE(BaseModuleClass):
             )
         return out
 
+    def _view_disagreement(self, inference_outputs) -> torch.Tensor:
+        """Jeffreys divergence between each view's expert and the expression expert (as
+        MultiVI's modality penalty), over the spots that have the view."""
+        experts = inference_outputs["experts"]
+        mu_x, var_x = experts["expression"]
+        total = 0.0
+        for name, (_, mask) in inference_outputs["view_inputs"].items():
+            mu_v, var_v = experts[name]
+            d2 = (mu_v - mu_x) ** 2
+            jeffreys = 0.5 * ((var_v + d2) / var_x + (var_x + d2) / var_v - 2.0)
+            total = total + (jeffreys.sum(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+        return total
+
     def _other_samples(self, batch: torch.Tensor) -> torch.Tensor:
         """A random sample code different from each spot's own (uniform over the others)."""
         shift = torch.randint_like(batch, 1, self.n_batch)
@@ -367,24 +437,18 @@ class HistoVAE(BaseModuleClass):
         z_in = z if cont is None else torch.cat([z, cont], dim=-1)
         _, _, rate, _ = self.decoder("gene", z_in, torch.log(library), *cat_other)
         x_in = self._log_input(rate, cont)
-        niche_in = None
-        if self.niche_encoder is not None:
-            niche_library = tensors[NICHE_KEY].sum(-1, keepdim=True).clamp(min=1.0)
-            _, _, niche_rate, _ = self.niche_decoder(
-                "gene", z_in, torch.log(niche_library), *cat_other
-            )
-            niche_in = self._log_input(niche_rate / self.n_neighbors, cont)
         masks = inference_outputs.get("encoder_masks", {})
         views = {name: self.view_decoders[name](z_in, *cat_other).loc for name in masks}
-        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont, niche_in)
+        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont)
         return ((inference_outputs["qz"].loc - mu_cycle) ** 2).sum(-1).mean()
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
         qz = inference_outputs["qz"]
-        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))).sum(
-            -1
-        )
+        pz = inference_outputs.get("pz")
+        if pz is None:
+            pz = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+        kl_z = kl_divergence(qz, pz).sum(-1)
         rec_x = -generative_outputs["px"].log_prob(x).sum(-1)
         reconstruction = {"expression": rec_x}
 
@@ -399,6 +463,11 @@ class HistoVAE(BaseModuleClass):
 
         loss = torch.mean(sum(reconstruction.values()) + kl_weight * kl_z)
         extra = {}
+        pz_fit = inference_outputs.get("pz_fit")
+        if pz_fit is not None:
+            # the spatial prior's precision is fitted to the (fixed) posteriors at full weight
+            q_fixed = Normal(qz.loc.detach(), qz.scale.detach())
+            loss = loss + kl_divergence(q_fixed, pz_fit).sum(-1).mean()
         if self.batch_classifier is not None and self.alignment_weight > 0:
             # The classifier learns to tell samples apart from z; the reversed gradient teaches
             # the encoders to make z uninformative of the sample.
@@ -415,6 +484,12 @@ class HistoVAE(BaseModuleClass):
             anchor = pull.sum() / mask.sum().clamp(min=1.0)
             loss = loss + self.anchor_weight * anchor
             extra["anchor"] = anchor.detach()
+        if self.spatial_prior:
+            extra["spatial_precision"] = self.spatial_precision().mean().detach()
+        if self.view_agreement_weight > 0 and inference_outputs["view_inputs"]:
+            agreement = self._view_disagreement(inference_outputs)
+            loss = loss + self.view_agreement_weight * agreement
+            extra["view_disagreement"] = agreement.detach()
         if self.cycle_weight > 0 and self.n_batch > 1:
             cyc = self._cycle_loss(tensors, inference_outputs)
             loss = loss + self.cycle_weight * cyc
