@@ -81,9 +81,7 @@ def context_bank(
     module, adata_manager, rows: np.ndarray | None = None, hops: int = 1, batch_size: int = 1024
 ) -> NeighborContext:
     """The bank from which the neighbours of ``rows`` (default: every spot) get their latent."""
-    neighbors = np.asarray(
-        adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64
-    )
+    neighbors = np.asarray(adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64)
     n_obs = len(neighbors)
     rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
     hops = max(int(hops), 1)

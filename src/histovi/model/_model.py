@@ -193,9 +193,11 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 "each view within each sample) or 'global'."
             )
         n_batch = self.summary_stats.n_batch
-        batch_codes = np.asarray(
-            self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
-        ).ravel().astype(np.int64)
+        batch_codes = (
+            np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY))
+            .ravel()
+            .astype(np.int64)
+        )
         view_dims, view_means, view_stds = {}, {}, {}
         for name in views:
             values = np.asarray(
