@@ -34,8 +34,13 @@ IGNORE_LABELS = ("undetermined",)
 FM_KEY = "X_fm"  # the expression-embedding view (issue 7 ablations)
 FM_DIM = 16
 
-#: Simulator scenarios: name -> keyword arguments of :func:`histovi.datasets.simulate`.
-#: The default study already holds a morphology-only pair (gland / gland_in_situ) and a
+#: Simulator functions of :mod:`histovi.datasets` a scenario can name (``"simulator"`` entry;
+#: default ``"tumour"``).
+SIMULATORS: dict[str, str] = {"tumour": "simulate", "layers": "simulate_layers"}
+
+#: Simulator scenarios: name -> keyword arguments of the simulator, plus an optional
+#: ``"simulator"`` entry naming it (:data:`SIMULATORS`; default :func:`histovi.datasets.simulate`).
+#: The default tumour study already holds a morphology-only pair (gland / gland_in_situ) and a
 #: neighbourhood-only pair (stroma_adjacent / stroma_distal) of domains.
 SIM_SCENARIOS: dict[str, dict[str, Any]] = {
     "sim": {},
@@ -53,9 +58,29 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
         "n_markers": 10,
         "morphology_dim": 8,
     },
+    # the tumour study with a weak, strongly section-shifted morphology view on every section
+    "sim_weak_view": {
+        "morphology_signal": 0.4,
+        "morphology_batch_effect": 2.0,
+        "morphology_scale_effect": 0.3,
+        "sections_without_image": 0,
+    },
+    # layered (cortex-like) tissue, histovi.datasets.simulate_layers() defaults: 3 donors with
+    # 4, 2 and 2 sections, 7 layers carried mostly by depth and neighbourhood, weak morphology
+    "sim_layers": {"simulator": "layers"},
+    "sim_layers_tiny": {
+        "simulator": "layers",
+        "n_patients": 2,
+        "n_sections_per_patient": 2,
+        "grid_size": (12, 12),
+        "n_genes": 150,
+        "n_markers": 5,
+        "morphology_dim": 8,
+    },
 }
 
-#: Pairs of simulated domains that only one view separates (reported as pair separation).
+#: Pairs of simulated domains that only one view separates (reported as pair separation; a
+#: scenario without a pair's domains, such as the layered one, reports none).
 SIM_DOMAIN_PAIRS: dict[str, tuple[str, str]] = {
     "morphology-only: gland vs gland_in_situ": ("gland", "gland_in_situ"),
     "neighbourhood-only: stroma_adjacent vs stroma_distal": ("stroma_adjacent", "stroma_distal"),
@@ -77,11 +102,15 @@ def her2st_dir() -> Path:
     return shared_data_dir() / "her2st"
 
 
-def _hex_array_coords(xy: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+def _hex_array_coords(
+    xy: np.ndarray, spacing: float, origin: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Integer (column, row) of a Visium-like hexagonal grid, Visium convention: columns count
-    half spacings, so the six neighbours of a spot are at (±2, 0) and (±1, ±1)."""
-    row = np.rint((xy[:, 1] - xy[:, 1].min()) / (spacing * np.sqrt(3) / 2)).astype(int)
-    col = np.rint((xy[:, 0] - xy[:, 0].min()) / (spacing / 2)).astype(int)
+    half spacings, so the six neighbours of a spot are at (±2, 0) and (±1, ±1). ``origin``: the
+    position of grid spot (0, 0) (default: the smallest x and y)."""
+    x0, y0 = (xy[:, 0].min(), xy[:, 1].min()) if origin is None else origin
+    row = np.rint((xy[:, 1] - y0) / (spacing * np.sqrt(3) / 2)).astype(int)
+    col = np.rint((xy[:, 0] - x0) / (spacing / 2)).astype(int)
     return col, row
 
 
@@ -124,22 +153,31 @@ def _finish(adata: AnnData, scenario: str, morphology: str, n_top_genes: int) ->
 
 def load_sim(scenario: str = "sim", seed: int = 0, n_top_genes: int = N_HVG) -> AnnData:
     """A simulator scenario of :data:`SIM_SCENARIOS` (labels = ``obs['domain']`` on every
-    section, batch = section)."""
+    section, batch = section), simulated by the function its ``"simulator"`` entry names."""
     import histovi
 
     if scenario not in SIM_SCENARIOS:
         raise KeyError(
             f"Unknown simulator scenario {scenario!r}: use one of {list(SIM_SCENARIOS)}."
         )
-    params = {"expression_embedding_dim": FM_DIM, **SIM_SCENARIOS[scenario]}
-    adata = histovi.datasets.simulate(seed=seed, **params)
+    params = dict(SIM_SCENARIOS[scenario])
+    simulator = params.pop("simulator", "tumour")
+    if simulator not in SIMULATORS:
+        raise KeyError(
+            f"Scenario {scenario!r} names simulator {simulator!r}: use one of {list(SIMULATORS)}."
+        )
+    simulate = getattr(histovi.datasets, SIMULATORS[simulator])
+    adata = simulate(seed=seed, **{"expression_embedding_dim": FM_DIM, **params})
     adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str).astype("category")
     spacing = histovi.datasets._simulate.SPOT_SPACING_UM
-    col, row = _hex_array_coords(adata.obsm["spatial"], spacing)
-    # per-section grids share one origin because every section uses the same hexagonal grid
+    # every section is drawn on the same hexagonal grid, placed one spacing from the image
+    # corner (the layered simulator leaves out spots beyond the pial surface, so the smallest
+    # coordinates of a section need not be the grid's)
+    col, row = _hex_array_coords(adata.obsm["spatial"], spacing, origin=(spacing, spacing))
     adata.obs["x_array"], adata.obs["y_array"] = col, row
     adata = _finish(adata, scenario, "simulated (obsm['X_morphology'])", n_top_genes)
     adata.uns["benchmark"]["expression_embedding"] = "simulated (obsm['X_fm'])"
+    adata.uns["benchmark"]["simulator"] = SIMULATORS[simulator]
     return adata
 
 

@@ -322,14 +322,16 @@ def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[s
 
     labels, samples = _labels_samples(adata)
     labels = labels.astype(str)
+    # only the pairs whose two domains the data hold (none in the layered scenarios)
+    pairs = {n: p for n, p in _data.SIM_DOMAIN_PAIRS.items() if np.isin(p, labels).all()}
+    if not pairs:
+        return []
     k = histovi.metrics.n_label_classes(adata.obs[_data.LABEL_KEY], _data.IGNORE_LABELS)
-    probes = {
-        name: pair_probe(X, labels, pair, seed) for name, pair in _data.SIM_DOMAIN_PAIRS.items()
-    }
+    probes = {name: pair_probe(X, labels, pair, seed) for name, pair in pairs.items()}
     rows = []
     for clustering in CLUSTERINGS:
         clusters = histovi.tl.cluster_embedding(X, k, clustering, random_state=seed)
-        for pair_name, (a, b) in _data.SIM_DOMAIN_PAIRS.items():
+        for pair_name, (a, b) in pairs.items():
             scores = []
             for s in np.unique(samples):
                 sel = (samples == s) & np.isin(labels, (a, b))

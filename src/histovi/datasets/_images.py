@@ -11,6 +11,7 @@ imaging). Colours are composed in optical density with Ruifrok-Johnston H and E 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -192,6 +193,7 @@ def draw_he_images(
     spot_diameter_um: float = 55.0,
     tissue_margin_um: float | None = None,
     batch_strength: float = 1.0,
+    textures: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Draw an H&E-like RGB uint8 image per section from the spots' domains.
 
@@ -219,6 +221,10 @@ def draw_he_images(
         beyond it is white glass.
     batch_strength
         Scales the per-section stain/scanner variation (0: identical imaging of all sections).
+    textures
+        Texture of named domains, overriding the choice by name: domain -> dict with the keys of
+        :data:`DOMAIN_TEXTURES` (``eosin``, ``nuclei``, ``radius``, ``elong``, ``fibres``,
+        ``vacuoles``). Domains not named keep the texture they would get without it.
 
     Returns
     -------
@@ -250,7 +256,19 @@ def draw_he_images(
     dom_code = pd.Categorical(
         dom.astype(str) if not isinstance(dom.dtype, pd.CategoricalDtype) else dom, categories=cats
     ).codes
-    textures = _assign_textures([str(c) for c in cats], seed)
+    domain_textures = _assign_textures([str(c) for c in cats], seed)
+    if textures_by_name := dict(textures or {}):
+        keys = set(DOMAIN_TEXTURES[0])
+        for name, tex in textures_by_name.items():
+            if set(tex) != keys:
+                raise ValueError(
+                    f"textures[{name!r}] must have exactly the keys {sorted(keys)}, "
+                    f"got {sorted(tex)}"
+                )
+        domain_textures = [
+            dict(textures_by_name[str(c)]) if str(c) in textures_by_name else t
+            for c, t in zip(cats, domain_textures, strict=True)
+        ]
     samples = adata.obs[sample_key].astype(str).to_numpy()
     scalef = um_per_px_fullres / hires_um_per_px
     px_um = hires_um_per_px
@@ -281,7 +299,7 @@ def draw_he_images(
         eos = np.zeros((h, w), np.float32)
         hem = np.zeros((h, w), np.float32)
         e_noise = 1 + 0.15 * _smooth_noise((h, w), 8 / px_um, rng)
-        for d_idx, t in enumerate(textures):
+        for d_idx, t in enumerate(domain_textures):
             m = pix_dom == d_idx
             if not m.any():
                 continue

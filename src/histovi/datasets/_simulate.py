@@ -68,6 +68,119 @@ def _hex_grid(n_rows: int, n_cols: int) -> np.ndarray:
     return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
 
 
+def _neighbour_ring(xy: np.ndarray) -> np.ndarray:
+    """Boolean (n, n) matrix of each spot's ring of nearest neighbours on the hexagonal grid."""
+    d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    return (d2 > 0) & (d2 < (1.1 * SPOT_SPACING_UM) ** 2)
+
+
+def _mix_with_ring(values: np.ndarray, ring: np.ndarray, spot_mixing: float) -> np.ndarray:
+    """Blend each row with the mean of its ring of neighbours (spots capture their neighbours'
+    mRNA): ``(1 - spot_mixing) * own + spot_mixing * ring mean``."""
+    neigh_mean = (ring @ values) / np.maximum(ring.sum(1, keepdims=True), 1)
+    return (1 - spot_mixing) * values + spot_mixing * neigh_mean
+
+
+def _section_counts(
+    rates: np.ndarray,
+    patient_shift: np.ndarray,
+    section_effect: float,
+    library_size: float,
+    dispersion: float,
+    rng: np.random.Generator,
+) -> sp.csr_matrix:
+    """Negative-binomial counts of one section from per-spot relative rates: the patient's and a
+    section's gene-wise log-fold shifts, a section library size (×/÷ 1.35) and spot library
+    sizes (×/÷ 1.28), then a Gamma-Poisson draw."""
+    shift = patient_shift + rng.normal(0, section_effect, rates.shape[1])
+    rates = rates * np.exp(shift)
+    rates /= rates.sum(1, keepdims=True)
+    lib = library_size * np.exp(rng.normal(0, 0.3)) * rng.lognormal(0, 0.25, len(rates))
+    mu = rates * lib[:, None]
+    # Gamma-Poisson draw of negative-binomial counts.
+    return sp.csr_matrix(rng.poisson(rng.gamma(dispersion, mu / dispersion)))
+
+
+def _section_morphology(
+    means: np.ndarray,
+    batch_effect: float,
+    scale_effect: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Morphology embedding of one section: per-spot means plus unit spot noise, then the
+    section's stain/scanner effect (a scale, log-sd ``scale_effect``, and a shift, sd
+    ``batch_effect`` per dimension)."""
+    n, dim = means.shape
+    m = means + rng.normal(0, 1.0, (n, dim))
+    return m * np.exp(rng.normal(0, scale_effect)) + rng.normal(0, batch_effect, dim)
+
+
+def _jitter_coords(xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Spot centres in µm (= full-resolution pixels) with sub-pixel jitter; the one-spacing offset
+    keeps pixel coordinates positive (images are drawn from pixel 0, as on a real slide scan)."""
+    return xy + SPOT_SPACING_UM + rng.normal(0, 1.0, xy.shape)
+
+
+def _scalefactors() -> dict:
+    return {"spot_diameter_fullres": SPOT_DIAMETER_UM, "um_per_px_fullres": 1.0}
+
+
+def _assemble(
+    counts: list,
+    obs: list[pd.DataFrame],
+    coords: list[np.ndarray],
+    morph: list[np.ndarray],
+    fm: list[np.ndarray],
+    domains: tuple[str, ...],
+    n_genes: int,
+    uns_spatial: dict,
+) -> AnnData:
+    """The simulators' AnnData: counts in ``X`` and ``layers['counts']``, categorical ``sample``,
+    ``patient`` and ``domain`` (categories in study / ``domains`` order, unused ones dropped),
+    ``obsm['spatial']``, ``obsm['X_morphology']`` and ``obsm['X_fm']`` when simulated."""
+    obs_df = pd.concat(obs)
+    for col, cats in (
+        ("sample", list(dict.fromkeys(obs_df["sample"]))),
+        ("patient", list(dict.fromkeys(obs_df["patient"]))),
+        ("domain", list(domains)),
+    ):
+        obs_df[col] = pd.Categorical(obs_df[col], categories=cats)
+    obs_df["domain"] = obs_df["domain"].cat.remove_unused_categories()
+    X = sp.vstack(counts).tocsr().astype(np.float32)
+    adata = AnnData(
+        X=X,
+        obs=obs_df,
+        var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)]),
+    )
+    adata.layers["counts"] = X.copy()
+    adata.obsm["spatial"] = np.vstack(coords)
+    adata.obsm["X_morphology"] = np.vstack(morph)
+    if fm:
+        adata.obsm["X_fm"] = np.vstack(fm)
+    adata.uns["spatial"] = uns_spatial
+    return adata
+
+
+def _attach_images(
+    adata: AnnData, without_image: list[str], seed: int, textures: dict | None = None
+) -> None:
+    """Draw an H&E-like image per section (:func:`~._images.draw_he_images`) into
+    ``uns['spatial']``, except for the sections in ``without_image``."""
+    from ._images import draw_he_images
+
+    images = draw_he_images(
+        adata, domain_key="domain", sample_key="sample", seed=seed, textures=textures
+    )
+    for sample, entry in images.items():
+        if sample in without_image:
+            continue
+        adata.uns["spatial"].setdefault(sample, {})
+        adata.uns["spatial"][sample].setdefault("scalefactors", {}).update(
+            entry.get("scalefactors", {})
+        )
+        adata.uns["spatial"][sample]["images"] = entry["images"]
+
+
 def _section_layout(
     xy: np.ndarray, absent: tuple[str, ...], rng: np.random.Generator
 ) -> np.ndarray:
@@ -126,6 +239,7 @@ def simulate(
     morphology_dim: int = 32,
     morphology_signal: float = 1.5,
     morphology_batch_effect: float = 1.0,
+    morphology_scale_effect: float = 0.15,
     sections_without_image: int = 1,
     absent_domains: bool = True,
     with_images: bool = False,
@@ -151,9 +265,14 @@ def simulate(
     spot_mixing
         Fraction of a spot's expression that comes from its ring of neighbours (spots capture
         mRNA of neighbouring cells).
-    morphology_dim, morphology_signal, morphology_batch_effect
-        Width of the simulated morphology embedding (``obsm['X_morphology']``), the distance
-        between morphology classes and the per-section stain/scanner shift.
+    morphology_dim, morphology_signal, morphology_batch_effect, morphology_scale_effect
+        Width of the simulated morphology embedding (``obsm['X_morphology']``), the standard
+        deviation of the morphology class means (the distance between classes, against unit spot
+        noise), and each section's stain/scanner effect: a shift of standard deviation
+        ``morphology_batch_effect`` per dimension after a scaling of the whole section's embedding
+        by ``exp(N(0, morphology_scale_effect))``. A weak, strongly section-shifted view on every
+        section is e.g. ``morphology_signal=0.4, morphology_batch_effect=2.0,
+        morphology_scale_effect=0.3, sections_without_image=0``.
     sections_without_image
         Number of sections (the last ones) whose morphology is missing (NaN rows), as in studies
         where some sections have no H&E image.
@@ -201,6 +320,7 @@ def simulate(
     fm = []
 
     xy = _hex_grid(*grid_size)
+    ring = _neighbour_ring(xy) if spot_mixing > 0 else None
     counts, obs, coords, morph = [], [], [], []
     uns_spatial = {}
     without_image: list[str] = []
@@ -221,93 +341,47 @@ def simulate(
             rates = np.exp(programmes[prog])
             rates /= rates.sum(1, keepdims=True)
             if spot_mixing > 0:
-                d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
-                ring = (d2 > 0) & (d2 < (1.1 * SPOT_SPACING_UM) ** 2)
-                neigh_mean = (ring @ rates) / np.maximum(ring.sum(1, keepdims=True), 1)
-                rates = (1 - spot_mixing) * rates + spot_mixing * neigh_mean
+                rates = _mix_with_ring(rates, ring, spot_mixing)
             if fm_dim:
                 # what an expression foundation model sees: the spot's mix of programmes
                 onehot = np.eye(n_programmes)[prog]
                 if spot_mixing > 0:
-                    onehot = (1 - spot_mixing) * onehot + spot_mixing * (
-                        (ring @ onehot) / np.maximum(ring.sum(1, keepdims=True), 1)
-                    )
+                    onehot = _mix_with_ring(onehot, ring, spot_mixing)
                 e = onehot @ fm_proj + fm_patient_shift + fm_rng.normal(0, 1.0, (n, fm_dim))
                 fm.append(e.astype(np.float32))
-            shift = patient_shift + rng.normal(0, section_effect, n_genes)
-            rates = rates * np.exp(shift)
-            rates /= rates.sum(1, keepdims=True)
-            lib = library_size * np.exp(rng.normal(0, 0.3)) * rng.lognormal(0, 0.25, n)
-            mu = rates * lib[:, None]
-            # Gamma-Poisson draw of negative-binomial counts.
-            counts.append(sp.csr_matrix(rng.poisson(rng.gamma(dispersion, mu / dispersion))))
+            counts.append(
+                _section_counts(rates, patient_shift, section_effect, library_size, dispersion, rng)
+            )
 
             # Morphology embedding: class mean + spot noise, then the section's stain shift.
             mclass = np.array([_MORPHOLOGY_CLASS[d] for d in domain])
-            m = morph_means[mclass] + rng.normal(0, 1.0, (n, morphology_dim))
-            m = m * np.exp(rng.normal(0, 0.15)) + rng.normal(
-                0, morphology_batch_effect, morphology_dim
+            m = _section_morphology(
+                morph_means[mclass], morphology_batch_effect, morphology_scale_effect, rng
             )
             if section_index >= n_sections - sections_without_image:
                 m[:] = np.nan
                 without_image.append(sample)
             morph.append(m.astype(np.float32))
 
-            # sub-pixel jitter of spot centres; the one-spacing offset keeps pixel coordinates
-            # positive (images are drawn from pixel 0, as on a real slide scan)
-            coords.append(xy + SPOT_SPACING_UM + rng.normal(0, 1.0, xy.shape))
+            coords.append(_jitter_coords(xy, rng))
             obs.append(
                 pd.DataFrame(
                     {"sample": sample, "patient": patient, "domain": domain},
                     index=[f"{sample}_{i}" for i in range(n)],
                 )
             )
-            uns_spatial[sample] = {
-                "scalefactors": {
-                    "spot_diameter_fullres": SPOT_DIAMETER_UM,
-                    "um_per_px_fullres": 1.0,
-                }
-            }
+            uns_spatial[sample] = {"scalefactors": _scalefactors()}
 
-    obs_df = pd.concat(obs)
-    for col, cats in (
-        ("sample", list(dict.fromkeys(obs_df["sample"]))),
-        ("patient", list(dict.fromkeys(obs_df["patient"]))),
-        ("domain", list(DOMAINS)),
-    ):
-        obs_df[col] = pd.Categorical(obs_df[col], categories=cats)
-    obs_df["domain"] = obs_df["domain"].cat.remove_unused_categories()
-    X = sp.vstack(counts).tocsr().astype(np.float32)
-    adata = AnnData(
-        X=X,
-        obs=obs_df,
-        var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)]),
-    )
-    adata.layers["counts"] = X.copy()
-    adata.obsm["spatial"] = np.vstack(coords)
-    adata.obsm["X_morphology"] = np.vstack(morph)
-    if fm_dim:
-        adata.obsm["X_fm"] = np.vstack(fm)
+    adata = _assemble(counts, obs, coords, morph, fm, DOMAINS, n_genes, uns_spatial)
     adata.var["marker_of"] = "none"
     names = ["tumour", "stroma", "immune", "gland", "adipose"]
     for p in range(n_programmes):
         adata.var.iloc[markers[p], adata.var.columns.get_loc("marker_of")] = names[p]
-    adata.uns["spatial"] = uns_spatial
     adata.uns["histovi_simulation"] = {
         "seed": seed,
         "expression_programme": _EXPRESSION_PROGRAMME,
         "morphology_class": _MORPHOLOGY_CLASS,
     }
     if with_images:
-        from ._images import draw_he_images
-
-        images = draw_he_images(adata, domain_key="domain", sample_key="sample", seed=seed)
-        for sample, entry in images.items():
-            if sample in without_image:
-                continue
-            adata.uns["spatial"].setdefault(sample, {})
-            adata.uns["spatial"][sample].setdefault("scalefactors", {}).update(
-                entry.get("scalefactors", {})
-            )
-            adata.uns["spatial"][sample]["images"] = entry["images"]
+        _attach_images(adata, without_image, seed)
     return adata
