@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from histovi import HistoVI
-from histovi.data._context import context_bank, hop_closure
+from histovi.data._context import context_bank, fit_spatial_precision, hop_closure
 
 TRAIN = {"max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False}
 
@@ -79,30 +79,44 @@ def test_the_posterior_is_the_product_of_data_and_spatial_prior(small_adata):
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_prior_precision_is_learnt_and_logged(small_adata):
+def test_the_prior_precision_is_fitted_every_epoch_and_logged(small_adata):
     model = _model(small_adata)
-    before = model.module.spatial_log_precision.detach().clone()
+    module = model.module
+    # a buffer fitted by EM, not a parameter the optimiser (or a query) could move
+    assert "spatial_log_precision" not in dict(module.named_parameters())
+    before = module.spatial_log_precision.clone()
     model.train(**TRAIN)
-    assert not torch.equal(before, model.module.spatial_log_precision.detach())
+    assert not torch.equal(before, module.spatial_log_precision)
     assert "spatial_precision_train" in model.history
 
 
-def test_the_elbo_cannot_move_the_prior_precision(small_adata):
-    """lambda is fitted to the posteriors only (empirical Bayes): the reconstruction and KL
-    terms of the ELBO give it no gradient."""
-    model = _model(small_adata)
-    module = model.module
-    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
-    module.train()
-    inference = module.inference(**module._get_inference_input(tensors))
-    assert inference["pz_fit"] is not None
-    generative = module.generative(**module._get_generative_input(tensors, inference))
-    out = module.loss(tensors, inference, generative)
-    elbo = out.reconstruction_loss["expression"].mean() + out.kl_local["kl_z"].mean()
-    (grad,) = torch.autograd.grad(elbo, module.spatial_log_precision, allow_unused=True)
-    assert grad is None or torch.all(grad == 0)
-    (grad,) = torch.autograd.grad(out.loss, module.spatial_log_precision)
-    assert torch.any(grad != 0)
+def _gmrf_draw(lam, n=20_000, d=3, precision=4.0, seed=0):
+    """Latents drawn from the spatial prior around given neighbour means, observed through a
+    Gaussian likelihood of known precision (the spots' own data)."""
+    rng = np.random.default_rng(seed)
+    zbar = rng.normal(0, 1.0, (n, d))
+    z = rng.normal(lam * zbar / (1 + lam), 1 / np.sqrt(1 + lam))
+    obs = rng.normal(z, 1 / np.sqrt(precision))
+    P = np.full((n, d), precision)
+    return P, P * obs, zbar
+
+
+@pytest.mark.parametrize("true_lam", [0.5, 4.0, 20.0])
+def test_em_recovers_the_spatial_precision(true_lam):
+    P, a, zbar = _gmrf_draw(np.full(3, true_lam))
+    lam = fit_spatial_precision(P, a, zbar, np.ones(3))
+    np.testing.assert_allclose(lam, true_lam, rtol=0.15)
+
+
+def test_em_gives_no_spatial_context_when_neighbours_tell_nothing():
+    P, a, _ = _gmrf_draw(np.zeros(3))
+    unrelated = np.random.default_rng(1).normal(0, 1, a.shape)
+    lam = fit_spatial_precision(P, a, unrelated, np.ones(3))
+    assert (lam < 0.05).all()
+    # spots whose neighbours are unknown (NaN rows) are left out of the fit
+    nan_rows = unrelated.copy()
+    nan_rows[:100] = np.nan
+    assert np.isfinite(fit_spatial_precision(P, a, nan_rows, np.ones(3))).all()
 
 
 def test_save_load_and_query_keep_the_spatial_prior(small_adata, tmp_path):

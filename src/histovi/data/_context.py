@@ -77,39 +77,120 @@ def data_posteriors(
     return np.concatenate(precision), np.concatenate(weighted_mean)
 
 
+def fit_spatial_precision(
+    data_precision: np.ndarray,
+    data_weighted_mean: np.ndarray,
+    neighbor_mean: np.ndarray,
+    lam: np.ndarray,
+    n_iter: int = 100,
+    tol: float = 1e-4,
+) -> np.ndarray:
+    """Empirical-Bayes fit of the spatial prior's precision lambda, per latent dimension.
+
+    Each spot's own data give a Gaussian likelihood of its latent (precision ``P``, weighted
+    mean ``a``); the prior is ``N(0, 1) x N(zbar, 1 / lambda)``, with ``zbar`` the neighbours'
+    mean latent. Expectation-maximisation of the marginal likelihood: the E-step is the
+    posterior ``N((a + lambda zbar) / u', 1 / u')`` with ``u' = P + 1 + lambda``; the M-step has
+    a closed form, ``1 + lambda = (1 + sqrt(1 + 4 D C)) / (2 D)`` with ``D`` the mean of
+    ``E(z - zbar)^2`` and ``C`` the mean of ``zbar^2`` over the spots. lambda is large where a
+    spot's latent is well predicted by its neighbours' (smooth tissue) and 0 where it is not.
+    """
+    known = ~np.isnan(neighbor_mean).any(1)
+    P = data_precision[known].astype(np.float64)
+    a = data_weighted_mean[known].astype(np.float64)
+    zbar = neighbor_mean[known].astype(np.float64)
+    lam = np.asarray(lam, dtype=np.float64).copy()
+    if not len(P):
+        return lam
+    C = (zbar**2).mean(0)
+    for _ in range(n_iter):
+        precision = P + 1.0 + lam
+        mu = (a + lam * zbar) / precision
+        D = (1.0 / precision + (mu - zbar) ** 2).mean(0)
+        u = (1.0 + np.sqrt(1.0 + 4.0 * D * C)) / (2.0 * D)
+        new = np.maximum(u - 1.0, MIN_SPATIAL_PRECISION)
+        done = np.max(np.abs(np.log(new) - np.log(lam))) < tol
+        lam = new
+        if done:
+            break
+    return lam
+
+
+#: lambda is kept above this (its logarithm is stored): 1e-3 is no spatial context at all.
+MIN_SPATIAL_PRECISION = 1e-3
+
+
 def context_bank(
-    module, adata_manager, rows: np.ndarray | None = None, hops: int = 1, batch_size: int = 1024
+    module,
+    adata_manager,
+    rows: np.ndarray | None = None,
+    hops: int = 1,
+    batch_size: int = 1024,
+    fit_precision: bool = False,
 ) -> NeighborContext:
-    """The bank from which the neighbours of ``rows`` (default: every spot) get their latent."""
+    """The bank from which the neighbours of ``rows`` (default: every spot) get their latent.
+
+    ``fit_precision``: first refit the module's spatial precision to the spots' current
+    posteriors (:func:`fit_spatial_precision`; training only, with ``rows`` = every spot)."""
     neighbors = np.asarray(adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64)
     n_obs = len(neighbors)
     rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
     hops = max(int(hops), 1)
     needed = hop_closure(neighbors, rows, hops)
     data_precision, data_weighted_mean = data_posteriors(module, adata_manager, needed, batch_size)
+    own = np.full((n_obs, data_precision.shape[1]), np.nan, dtype=np.float32)
+    own[needed] = data_weighted_mean / (data_precision + 1.0)
+
+    def smoothed(lam):
+        bank = own.copy()
+        for _ in range(hops - 1):
+            # one Jacobi step of the spatial prior; rows at the edge of `needed` read NaN and
+            # keep their previous value, which only rows farther than `hops` from `rows` use
+            nbr_mean = bank[neighbors[needed]].mean(1)
+            known = ~np.isnan(nbr_mean).any(1)
+            new = (data_weighted_mean + lam * np.nan_to_num(nbr_mean)) / (
+                data_precision + 1.0 + lam
+            )
+            current = bank[needed]
+            current[known] = new[known]
+            bank[needed] = current
+        return bank
+
     lam = module.spatial_precision().detach().cpu().numpy()
-    bank = np.full((n_obs, data_precision.shape[1]), np.nan, dtype=np.float32)
-    bank[needed] = data_weighted_mean / (data_precision + 1.0)
-    for _ in range(hops - 1):
-        # one Jacobi step of the spatial prior; rows at the edge of `needed` read NaN and keep
-        # their previous value, which only rows farther than `hops` from `rows` depend on
-        nbr_mean = bank[neighbors[needed]].mean(1)
-        known = ~np.isnan(nbr_mean).any(1)
-        new = (data_weighted_mean + lam * np.nan_to_num(nbr_mean)) / (data_precision + 1.0 + lam)
-        current = bank[needed]
-        current[known] = new[known]
-        bank[needed] = current
+    bank = smoothed(lam)
+    if fit_precision:
+        lam = fit_spatial_precision(
+            data_precision, data_weighted_mean, bank[neighbors[needed]].mean(1), lam
+        )
+        with torch.no_grad():
+            module.spatial_log_precision.copy_(torch.as_tensor(np.log(lam)))
+        if hops > 1:
+            bank = smoothed(lam.astype(np.float32))
     return NeighborContext(neighbors, bank)
 
 
 class NeighborContextCallback(Callback):
-    """Refresh the bank of the training (and validation) loaders at the start of every epoch."""
+    """Refresh the bank of the training (and validation) loaders at the start of every epoch,
+    after refitting the spatial prior's precision (unless ``fit_precision`` is off, as for a
+    query mapped into a frozen reference); refit it once more when training ends."""
 
-    def __init__(self, context: NeighborContext, adata_manager, hops: int = 1):
+    def __init__(
+        self, context: NeighborContext, adata_manager, hops: int = 1, fit_precision: bool = True
+    ):
         self.context = context
         self.adata_manager = adata_manager
         self.hops = hops
+        self.fit_precision = fit_precision
+
+    def _refresh(self, module) -> None:
+        fresh = context_bank(
+            module, self.adata_manager, hops=self.hops, fit_precision=self.fit_precision
+        )
+        self.context.bank = fresh.bank
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        fresh = context_bank(pl_module.module, self.adata_manager, hops=self.hops)
-        self.context.bank = fresh.bank
+        self._refresh(pl_module.module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.fit_precision:
+            self._refresh(pl_module.module)

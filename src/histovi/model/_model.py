@@ -562,7 +562,13 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             context = NeighborContext(self._neighbors())
             callbacks = list(trainer_kwargs.get("callbacks") or [])
             callbacks.append(
-                NeighborContextCallback(context, self.adata_manager, hops=self._spatial_hops())
+                NeighborContextCallback(
+                    context,
+                    self.adata_manager,
+                    hops=self._spatial_hops(),
+                    # a query keeps the reference's spatial precision, as every other weight
+                    fit_precision=not getattr(self, "is_query_", False),
+                )
             )
             trainer_kwargs["callbacks"] = callbacks
             splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})

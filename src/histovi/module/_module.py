@@ -119,9 +119,12 @@ class HistoVAE(BaseModuleClass):
         ``N(0, I) x N(mean latent of its neighbours, 1 / lambda)``, with a precision ``lambda``
         per latent dimension learned from the data (0: the standard prior). The prior is also an
         expert of the posterior, so a spot's latent borrows from its neighbours as much as the
-        tissue's spatial coherence (learned) and the spot's own uncertainty allow: strongly in
-        smooth, layered tissue and for shallow spots, little in patchy tissue. The neighbours'
-        latents come with each minibatch (``neighbor_latent``, see :mod:`histovi.data._context`).
+        tissue's spatial coherence and the spot's own uncertainty allow: strongly in smooth,
+        layered tissue and for shallow spots, little in patchy tissue. ``lambda`` is a buffer
+        fitted by expectation-maximisation once per epoch (empirical Bayes: neither the
+        reconstruction nor the KL weight's warm-up can pull it away from the tissue's spatial
+        coherence). The neighbours' latents come with each minibatch (``neighbor_latent``, see
+        :mod:`histovi.data._context`).
     view_agreement_weight
         Weight of the Jeffreys divergence between each view's expert and the expression expert
         (0 turns it off): a view may then only move the latent where expression is uncertain.
@@ -162,8 +165,9 @@ class HistoVAE(BaseModuleClass):
         self.view_agreement_weight = float(view_agreement_weight)
         self.spatial_prior = bool(spatial_prior)
         if self.spatial_prior:
-            # log lambda; 0: at the start the neighbours count as much as the N(0, I) prior
-            self.spatial_log_precision = nn.Parameter(torch.zeros(n_latent))
+            # log lambda, a buffer: it is not trained by gradient but fitted to the posteriors by
+            # expectation-maximisation once per epoch (histovi.data._context.fit_spatial_precision)
+            self.register_buffer("spatial_log_precision", torch.zeros(n_latent))
         self.normalize_input = normalize_input
         self.encode_covariates = encode_covariates
         self.cycle_weight = cycle_weight
@@ -275,10 +279,10 @@ class HistoVAE(BaseModuleClass):
         }
 
     def spatial_precision(self) -> torch.Tensor:
-        """lambda > 0 per latent dimension: the precision of the neighbour expert of the prior."""
+        """lambda >= 0 per latent dimension: the precision of the neighbour expert of the prior."""
         return self.spatial_log_precision.exp()
 
-    def _prior(self, neighbor_latent, like, detach: bool = False):
+    def _prior(self, neighbor_latent, like):
         """Prior natural parameters per spot: precision and precision-weighted mean.
 
         ``N(0, I)``, times ``N(neighbor_latent, 1 / lambda)`` where the neighbours' latent is known
@@ -287,8 +291,7 @@ class HistoVAE(BaseModuleClass):
         weighted_mean = torch.zeros_like(like)
         if self.spatial_prior and neighbor_latent is not None:
             known = ~torch.isnan(neighbor_latent).any(-1, keepdim=True)
-            lam = self.spatial_precision()
-            lam = (lam.detach() if detach else lam) * known
+            lam = self.spatial_precision() * known
             precision = precision + lam
             weighted_mean = lam * torch.nan_to_num(neighbor_latent, nan=0.0)
         return precision, weighted_mean
@@ -329,27 +332,19 @@ class HistoVAE(BaseModuleClass):
             cont,
             experts=experts,
         )
-        # _fuse includes the N(0, I) expert; swap it for the (spatial) prior of each spot. The
-        # posterior and the ELBO see lambda as a constant: it is fitted to the posteriors alone
-        # (``pz_fit``, an empirical-Bayes M-step in the loss), so neither the reconstruction
-        # term nor the KL weight's warm-up can pull it away from the tissue's spatial coherence.
-        prior_precision, prior_weighted_mean = self._prior(neighbor_latent, mean, detach=True)
+        # _fuse includes the N(0, I) expert; swap it for the (spatial) prior of each spot
+        prior_precision, prior_weighted_mean = self._prior(neighbor_latent, mean)
         data_precision = precision - 1.0
         data_weighted_mean = mean * precision
         precision = data_precision + prior_precision
         mean = (data_weighted_mean + prior_weighted_mean) / precision
         pz = Normal(prior_weighted_mean / prior_precision, prior_precision.rsqrt())
         qz = Normal(mean, precision.rsqrt())
-        pz_fit = None
-        if self.spatial_prior and neighbor_latent is not None:
-            fit_precision, fit_weighted_mean = self._prior(neighbor_latent, mean)
-            pz_fit = Normal(fit_weighted_mean / fit_precision, fit_precision.rsqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
         return {
             "z": z,
             "qz": qz,
             "pz": pz,
-            "pz_fit": pz_fit,
             "experts": experts,
             "data_precision": data_precision,
             "data_weighted_mean": data_weighted_mean,
@@ -463,11 +458,6 @@ class HistoVAE(BaseModuleClass):
 
         loss = torch.mean(sum(reconstruction.values()) + kl_weight * kl_z)
         extra = {}
-        pz_fit = inference_outputs.get("pz_fit")
-        if pz_fit is not None:
-            # the spatial prior's precision is fitted to the (fixed) posteriors at full weight
-            q_fixed = Normal(qz.loc.detach(), qz.scale.detach())
-            loss = loss + kl_divergence(q_fixed, pz_fit).sum(-1).mean()
         if self.batch_classifier is not None and self.alignment_weight > 0:
             # The classifier learns to tell samples apart from z; the reversed gradient teaches
             # the encoders to make z uninformative of the sample.
