@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..tl._utils import as_str_array, check_adata, get_obs_column, get_rep, labelled_mask
+from ..tl._utils import (
+    as_str_array,
+    check_adata,
+    get_cluster_column,
+    get_obs_column,
+    get_rep,
+    labelled_mask,
+)
 
 
 def _knn(n_neighbors: int, n_train: int):
@@ -170,15 +177,7 @@ def cluster_composition(
     NaN if none).
     """
     check_adata(adata)
-    clusters = get_obs_column(
-        adata, cluster_key, hint="run histovi.tl.domains(adata) first or pass `cluster_key=`"
-    )
-    if clusters.isna().any():
-        raise ValueError(
-            f"adata.obs['{cluster_key}'] has missing values: every spot needs a cluster; "
-            "recompute it on all spots."
-        )
-    clusters = as_str_array(clusters).astype(str)
+    clusters = as_str_array(get_cluster_column(adata, cluster_key)).astype(str)
     labels = as_str_array(get_obs_column(adata, label_key))
     groups = as_str_array(get_obs_column(adata, group_key)).astype(str)
     labelled = labelled_mask(labels, ignore)
