@@ -494,10 +494,10 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
         },
     )
     model = HistoVI(a, **kwargs)
-    train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
     ctx.info["settings"] = f"{model._model_summary_string}; kwargs={kwargs}" + "".join(
         f"; {k}={v}" for k, v in (("setup", setup), ("train", train_kwargs)) if v
     )
+    train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
     return _train_embed(model, adata, seed, ctx, train_kwargs)
 
 

@@ -415,17 +415,14 @@ def pair_separation(adata, X: np.ndarray, method: str, seed: int) -> list[dict[s
     pair falls in different clusters, 0: mixed), averaged over sections."""
     from sklearn.metrics import adjusted_rand_score
 
-    import histovi
-
     labels, samples = _labels_samples(adata)
     labels = labels.astype(str)
-    k = histovi.metrics.n_label_classes(adata.obs[_data.LABEL_KEY], _data.IGNORE_LABELS)
     probes = {
         name: pair_probe(X, labels, pair, seed) for name, pair in _data.SIM_DOMAIN_PAIRS.items()
     }
     rows = []
     for clustering in CLUSTERINGS:
-        clusters = histovi.tl.cluster_embedding(X, k, clustering, random_state=seed)
+        clusters = _cluster(adata, X, clustering, seed)
         for pair_name, (a, b) in _data.SIM_DOMAIN_PAIRS.items():
             scores = []
             for s in np.unique(samples):
@@ -667,10 +664,7 @@ def figures(
     labels, samples = _labels_samples(adata)
     mask = labelled_mask(labels.astype(object), _data.IGNORE_LABELS)
     shown = list(dict.fromkeys(samples[mask]))[:4]
-    k = histovi.metrics.n_label_classes(adata.obs[_data.LABEL_KEY], _data.IGNORE_LABELS)
-    import anndata as ad
-
-    view = ad.AnnData(obs=adata.obs[[_data.SAMPLE_KEY]].copy(), shape=(adata.n_obs, 0))
+    view = _light(adata)
     view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
     view.uns["spatial"] = adata.uns.get("spatial", {})
     gt = labels.astype(object).copy()
@@ -691,9 +685,7 @@ def figures(
         if p.empty:
             continue
         best = int(p.groupby("seed")["ARI"].mean().idxmax())
-        clusters = histovi.tl.cluster_embedding(
-            embeddings[(method, best)], k, "gmm", random_state=best
-        )
+        clusters = _cluster(adata, embeddings[(method, best)], "gmm", best)
         draw(
             _relabel(clusters, labels, mask),
             f"{data_name}: {method}, GMM, seed {best}",
@@ -1177,32 +1169,25 @@ def write_summary(out: str | os.PathLike) -> str:
     if not rows:
         raise FileNotFoundError(f"no <data>/results.json under {out}: nothing to summarise.")
     long = pd.DataFrame(rows)
-    scenarios = list(dict.fromkeys(long["scenario"]))
-    wide = long.pivot(index="method", columns="scenario").reindex(
-        list(dict.fromkeys(long["method"]))
+    methods, scenarios = (list(dict.fromkeys(long[c])) for c in ("method", "scenario"))
+
+    def wide(values) -> pd.DataFrame:  # rows = methods, columns = scenarios
+        w = long.assign(v=list(values)).pivot(index="method", columns="scenario", values="v")
+        return w.reindex(index=methods, columns=scenarios)
+
+    columns = ("ARI", "ARI_sd", "ARI/best_ref", "rank", "status")
+    csv = pd.concat({c: wide(long[c]) for c in columns}, axis=1)
+    csv = csv[[(c, s) for s in scenarios for c in columns]].set_axis(
+        [f"{s} {c}" for s in scenarios for c in columns], axis=1
     )
-    csv = pd.DataFrame(index=wide.index)
-    for s in scenarios:
-        for col in ("ARI", "ARI_sd", "ARI/best_ref", "rank", "status"):
-            csv[f"{s} {col}"] = wide[(col, s)]
-    csv["mean rank"] = wide["rank"].astype(float).mean(axis=1)
+    csv["mean rank"] = wide(long["rank"]).astype(float).mean(axis=1)
     csv.reset_index().to_csv(out / "summary.csv", index=False)
+    status = wide(long["status"])
 
-    def cells(fmt) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                s: [
-                    fmt(wide.loc[m, (slice(None), s)].droplevel(1))
-                    if wide.loc[m, ("status", s)] == "ok"
-                    else str(wide.loc[m, ("status", s)]).replace("nan", "–")
-                    for m in wide.index
-                ]
-                for s in scenarios
-            },
-            index=wide.index,
-        ).reset_index()
+    def cells(texts) -> pd.DataFrame:  # a method that did not run shows its status
+        return wide(texts).where(status == "ok", status.fillna("–")).reset_index()
 
-    ranks = cells(lambda r: _fmt(r["rank"], None, 0))
+    ranks = cells(_fmt(v, None, 0) for v in long["rank"])
     ranks["mean"] = [_fmt(v, None, 1) for v in csv["mean rank"]]
     md = "\n".join(
         [
@@ -1210,11 +1195,11 @@ def write_summary(out: str | os.PathLike) -> str:
             "",
             "ARI (mean over labelled sections, GMM and k-means; mean ± sd over seeds):",
             "",
-            _md(cells(lambda r: _fmt(r["ARI"], r["ARI_sd"]))),
+            _md(cells(map(_fmt, long["ARI"], long["ARI_sd"]))),
             "ARI / the better of Harmony and scVI in the scenario:",
             "",
-            _md(cells(lambda r: _fmt(r["ARI/best_ref"], None, 2))),
-            "Rank by ARI (1 = best):",
+            _md(cells(_fmt(v, None, 2) for v in long["ARI/best_ref"])),
+            "Rank by ARI (1 = best; mean over the scenarios where the method ran):",
             "",
             _md(ranks),
             *[f"- {n}" for n in notes],
