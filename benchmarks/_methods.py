@@ -27,8 +27,10 @@ N_LATENT = 16  # HistoVI's default, given to scVI too
 N_PCS = 30
 
 #: HistoVI variants: name -> ``HistoVI(adata, **kwargs)``. A ``"train_kwargs"`` entry (a dict) is
-#: passed to ``model.train`` instead, ``"embeddings"`` and ``"batch_key"`` to ``setup_anndata``.
-#: Add variants here or with ``--histovi-variant NAME=JSON``.
+#: passed to ``model.train`` instead, ``"embeddings"`` and ``"batch_key"`` to ``setup_anndata``;
+#: keys ``plan.*`` go to the training plan, ``train.*`` to ``train``, ``setup.*`` to
+#: ``setup_anndata`` (:func:`split_kwargs`). Add variants here, with ``--histovi-variant
+#: NAME=JSON``, or inline as a method name ``HistoVI:key=value,...`` (:func:`parse_inline`).
 HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI": {},
     "HistoVI-noMorph": {"use_morphology": False},
@@ -66,6 +68,11 @@ class Context:
         ``scVI+agg`` can reuse the scVI latent of the same seed.
     info
         Filled by the method: anything worth reporting (epochs trained, settings, notes).
+    curve_every, score
+        Score the latent of scVI / HistoVI every ``curve_every`` epochs during training with
+        ``score(adata, latent, seed) -> dict``; the rows go to ``info['curve']``.
+    files
+        Name -> ``.npy`` path of precomputed embeddings, run as methods.
     """
 
     max_epochs: int | None = None
@@ -74,6 +81,65 @@ class Context:
     )
     previous: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    curve_every: int | None = None
+    score: Callable[[AnnData, np.ndarray, int], dict] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def parse_inline(text: str) -> dict[str, Any]:
+    """``key=value,...`` as keyword arguments: ``True`` / ``False`` / ``None``, numbers (a float
+    when the value has ``.`` or ``e``), else the string."""
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"{part!r} in {text!r}: write key=value pairs separated by commas, e.g. "
+                "'HistoVI:use_niche=False,plan.lr=0.002'."
+            )
+        if value in ("True", "False", "None"):
+            kwargs[key] = {"True": True, "False": False, "None": None}[value]
+        else:
+            try:
+                kwargs[key] = float(value) if "." in value or "e" in value else int(value)
+            except ValueError:
+                kwargs[key] = value
+    return kwargs
+
+
+def split_kwargs(spec: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Model, ``setup_anndata`` and ``train`` keyword arguments of a variant: keys ``plan.*`` go
+    to the training plan (``train(plan_kwargs=...)``), ``train.*`` and a ``train_kwargs`` dict to
+    ``train``, ``setup.*`` to ``setup_anndata`` (a covariate key given as a string becomes a
+    list of one key), the rest to the model."""
+    model = dict(spec)
+    train = dict(model.pop("train_kwargs", None) or {})
+    plan = dict(train.pop("plan_kwargs", None) or {})
+    setup: dict[str, Any] = {}
+    for key in list(model):
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in ("plan", "train", "setup"):
+            {"plan": plan, "train": train, "setup": setup}[prefix][rest] = model.pop(key)
+    for key in ("categorical_covariate_keys", "continuous_covariate_keys"):
+        if isinstance(setup.get(key), str):
+            setup[key] = [setup[key]]
+    if plan:
+        train["plan_kwargs"] = plan
+    return model, setup, train
+
+
+def variant_of(name: str, ctx: Context) -> tuple[str, dict[str, Any]] | None:
+    """``('HistoVI' | 'scVI', kwargs)`` of a named HistoVI variant or an inline method name
+    (``HistoVI:key=value,...``, ``HistoVI-noMorph:key=value``, ``scVI:key=value``); ``None`` for
+    other methods."""
+    if name in ctx.histovi_variants:
+        return "HistoVI", dict(ctx.histovi_variants[name])
+    base, sep, inline = name.partition(":")
+    if sep and base in ctx.histovi_variants:
+        return "HistoVI", {**ctx.histovi_variants[base], **parse_inline(inline)}
+    if sep and base == "scVI":
+        return "scVI", parse_inline(inline)
+    return None
 
 
 def default_max_epochs(n_obs: int) -> int:
@@ -148,24 +214,82 @@ def harmony(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
     return _harmony(_pca_matrix(adata, seed), adata.obs[SAMPLE_KEY], seed)
 
 
-def _scvi_latent(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
+def _curve_callback(model, adata: AnnData, seed: int, ctx: Context):
+    """Lightning callback: every ``ctx.curve_every`` epochs (and the last), the latent of all
+    spots scored with ``ctx.score`` (module in eval mode, then back), with the train and
+    validation ELBO and the KL weight, appended to ``ctx.info['curve']``. Its own time goes to
+    ``ctx.info['curve_s']`` (taken off the method's wall time)."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    rows = ctx.info.setdefault("curve", [])
+    ctx.info["curve_s"] = 0.0
+    t0 = time.perf_counter()
+
+    class Curve(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch = trainer.current_epoch + 1
+            if epoch % ctx.curve_every and epoch != trainer.max_epochs:
+                return
+            t = time.perf_counter()
+            pl_module.eval()
+            trained, model.is_trained_ = model.is_trained_, True  # scvi-tools refuses otherwise
+            try:
+                z = model.get_latent_representation()
+            finally:
+                model.is_trained_ = trained
+                pl_module.train()
+            m = trainer.callback_metrics
+            rows.append(
+                {
+                    "epoch": epoch,
+                    **ctx.score(adata, z, seed),
+                    **{k: float(m.get(k, np.nan)) for k in ("elbo_train", "elbo_validation")},
+                    "kl_weight": float(getattr(pl_module, "kl_weight", np.nan)),
+                    "train_s": t - t0 - ctx.info["curve_s"],
+                }
+            )
+            ctx.info["curve_s"] += time.perf_counter() - t
+
+    return Curve()
+
+
+def _train_embed(model, adata: AnnData, seed: int, ctx: Context, train: dict) -> np.ndarray:
+    """Train an scvi-tools model (scVI, HistoVI) quietly, with the curve callback when asked;
+    record the epochs, the spread of the posterior means and the posterior sd (means over latent
+    dimensions); return the posterior means."""
+    if ctx.curve_every:
+        train["callbacks"] = [*train.get("callbacks", []), _curve_callback(model, adata, seed, ctx)]
+        train.setdefault("check_val_every_n_epoch", 1)  # the validation ELBO of the curve
+    with _quiet_cwd():
+        model.train(enable_progress_bar=False, enable_model_summary=False, **train)
+    ctx.info["epochs"] = len(model.history["elbo_train"])
+    z, var = model.get_latent_representation(return_dist=True)
+    ctx.info["latent_sd"] = float(z.std(0).mean())
+    ctx.info["posterior_sd"] = float(np.sqrt(var).mean())
+    return np.asarray(z, dtype=np.float32)
+
+
+def _scvi_latent(adata: AnnData, seed: int, ctx: Context, spec: dict | None = None) -> np.ndarray:
     import scvi
 
+    kwargs, setup, train = split_kwargs(spec or {})
     scvi.settings.seed = seed
-    a = AnnData(X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy())
-    scvi.model.SCVI.setup_anndata(a, batch_key=SAMPLE_KEY)
-    model = scvi.model.SCVI(a, n_latent=N_LATENT)
-    epochs = ctx.max_epochs or default_max_epochs(a.n_obs)
-    with _quiet_cwd():
-        model.train(max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False)
-    ctx.info["epochs"] = len(model.history["elbo_train"])
-    return np.asarray(model.get_latent_representation(), dtype=np.float32)
+    a = AnnData(X=_counts(adata).copy(), obs=adata.obs.copy())
+    scvi.model.SCVI.setup_anndata(a, **{"batch_key": SAMPLE_KEY, **setup})
+    model = scvi.model.SCVI(a, **{"n_latent": N_LATENT, **kwargs})
+    train.setdefault("max_epochs", ctx.max_epochs or default_max_epochs(a.n_obs))
+    return _train_embed(model, adata, seed, ctx, train)
 
 
-def scvi_(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
-    """scVI (n_latent 16, batch = section, HistoVI's epoch rule)."""
-    ctx.info["settings"] = f"SCVI(n_latent={N_LATENT}), batch=sample"
-    return _scvi_latent(adata, seed, ctx)
+def scvi_(adata: AnnData, seed: int, ctx: Context, spec: dict | None = None) -> np.ndarray:
+    """scVI (n_latent 16, batch = section, HistoVI's epoch rule); ``spec``: keyword arguments as
+    in :func:`split_kwargs` (inline ``scVI:key=value,...``)."""
+    ctx.info["settings"] = f"SCVI(n_latent={N_LATENT}), batch=sample" + (
+        f"; {spec}" if spec else ""
+    )
+    return _scvi_latent(adata, seed, ctx, spec)
 
 
 def scvi_agg(adata: AnnData, seed: int, ctx: Context, n_hops: int = 2) -> np.ndarray:
@@ -328,23 +452,23 @@ def aestetik(
 
 
 def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoVI") -> np.ndarray:
-    """HistoVI with its defaults plus the variant's keyword arguments (no per-dataset tuning)."""
+    """HistoVI with its defaults plus the variant's keyword arguments (no per-dataset tuning);
+    ``name`` is a named variant or an inline one (:func:`variant_of`)."""
     import scvi
 
     from histovi import HistoVI
 
-    if name not in ctx.histovi_variants:
+    variant = variant_of(name, ctx)
+    if variant is None or variant[0] != "HistoVI":
         raise KeyError(
-            f"Unknown HistoVI variant {name!r}: add it to HISTOVI_VARIANTS or pass "
-            f"--histovi-variant {name}='{{...}}' (known: {list(ctx.histovi_variants)})."
+            f"Unknown HistoVI variant {name!r}: add it to HISTOVI_VARIANTS, pass "
+            f"--histovi-variant {name}='{{...}}' or write it inline as HistoVI:key=value,... "
+            f"(known: {list(ctx.histovi_variants)})."
         )
-    kwargs = dict(ctx.histovi_variants[name])
-    train_kwargs = dict(kwargs.pop("train_kwargs", {}) or {})
+    kwargs, setup, train_kwargs = split_kwargs(variant[1])
     embeddings = dict(kwargs.pop("embeddings", {}) or {})
     batch_key = kwargs.pop("batch_key", SAMPLE_KEY)
-    a = AnnData(
-        X=_counts(adata).copy(), obs=adata.obs[[SAMPLE_KEY]].copy(), var=adata.var[[]].copy()
-    )
+    a = AnnData(X=_counts(adata).copy(), obs=adata.obs.copy(), var=adata.var[[]].copy())
     a.layers["counts"] = a.X
     a.obsm[NEIGHBORS_KEY] = np.asarray(adata.obsm[NEIGHBORS_KEY])
     morph = None
@@ -360,19 +484,21 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
     scvi.settings.seed = seed
     HistoVI.setup_anndata(
         a,
-        layer="counts",
-        batch_key=batch_key,
-        morphology_key=morph,
-        neighbors_key=NEIGHBORS_KEY,
-        embedding_keys=embeddings or None,
+        **{
+            "layer": "counts",
+            "batch_key": batch_key,
+            "morphology_key": morph,
+            "neighbors_key": NEIGHBORS_KEY,
+            "embedding_keys": embeddings or None,
+            **setup,
+        },
     )
     model = HistoVI(a, **kwargs)
+    ctx.info["settings"] = f"{model._model_summary_string}; kwargs={kwargs}" + "".join(
+        f"; {k}={v}" for k, v in (("setup", setup), ("train", train_kwargs)) if v
+    )
     train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
-    with _quiet_cwd():
-        model.train(enable_progress_bar=False, enable_model_summary=False, **train_kwargs)
-    ctx.info["epochs"] = len(model.history["elbo_train"])
-    ctx.info["settings"] = f"{model._model_summary_string}; kwargs={kwargs}"
-    return np.asarray(model.get_latent_representation(), dtype=np.float32)
+    return _train_embed(model, adata, seed, ctx, train_kwargs)
 
 
 # --------------------------------------------------------------------------- registry
@@ -390,24 +516,34 @@ _BASELINE_FUNCS: dict[str, tuple[Callable[..., np.ndarray], tuple[str, ...]]] = 
 
 
 def method_names(ctx: Context | None = None) -> list[str]:
-    """Every known method: baselines, then HistoVI variants."""
-    variants = (ctx or Context()).histovi_variants
-    return [*BASELINES, *variants]
+    """Every named method: baselines, HistoVI variants, then precomputed embeddings (inline
+    variants, ``HistoVI:key=value,...``, are known too but not listed)."""
+    ctx = ctx or Context()
+    return [*BASELINES, *ctx.histovi_variants, *ctx.files]
 
 
 def resolve(
     name: str, ctx: Context
 ) -> tuple[Callable[[AnnData, int, Context], np.ndarray], tuple[str, ...]]:
     """Function ``(adata, seed, ctx) -> embedding`` and required modules of a method."""
+    if name in ctx.files:
+
+        def load(adata: AnnData, seed: int, c: Context) -> np.ndarray:
+            c.info["settings"] = f"precomputed: {ctx.files[name]}"
+            return np.load(ctx.files[name])
+
+        return load, ()
     if name in _BASELINE_FUNCS:
         return _BASELINE_FUNCS[name]
-    if name in ctx.histovi_variants:
-
-        def run(adata: AnnData, seed: int, c: Context) -> np.ndarray:
-            return histovi_variant(adata, seed, c, name=name)
-
-        return run, ("scanpy", "scvi", "histovi")
-    raise KeyError(f"Unknown method {name!r}: choose from {method_names(ctx)}.")
+    variant = variant_of(name, ctx)
+    if variant is not None and variant[0] == "scVI":
+        return (lambda a, seed, c: scvi_(a, seed, c, variant[1])), ("scanpy", "scvi")
+    if variant is not None:
+        return (lambda a, seed, c: histovi_variant(a, seed, c, name)), ("scanpy", "scvi", "histovi")
+    raise KeyError(
+        f"Unknown method {name!r}: choose from {method_names(ctx)}, or write a variant inline "
+        "as HistoVI:key=value,... or scVI:key=value,..."
+    )
 
 
 def unavailable_reason(name: str, ctx: Context) -> str | None:

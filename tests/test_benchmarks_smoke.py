@@ -82,15 +82,27 @@ def test_rejects_unknown_method_and_bad_variant(tmp_path):
 
 @pytest.mark.slow
 def test_isolated_worker_run_with_relative_out(tmp_path, monkeypatch):
-    """The default mode: one worker process per method, relative --out resolved correctly."""
+    """The default mode: one worker process per method, relative --out resolved correctly; an
+    inline variant and its curve pass through the worker."""
     monkeypatch.chdir(tmp_path)
+    inline = "scVI:n_hidden=16"
     result = integration.run_benchmark(
-        "sim_tiny", ["PCA"], seeds=[0, 1], out="rel_out", make_figures=False
+        "sim_tiny",
+        ["PCA", inline],
+        seeds=[0, 1],
+        out="rel_out",
+        make_figures=False,
+        max_epochs=2,
+        curve_every=1,
     )
-    row = result["table"][0]
-    assert row["status"] == "ok", result["records"]["PCA"].get("error")
-    assert row["n_seeds"] == 2 and row["peak_mb"] >= 0
-    assert (tmp_path / "rel_out" / "sim_tiny" / "work" / "record_PCA.json").exists()
+    for row in result["table"]:
+        assert row["status"] == "ok", result["records"][row["method"]].get("error")
+        assert row["n_seeds"] == 2 and row["peak_mb"] >= 0
+    work = tmp_path / "rel_out" / "sim_tiny" / "work"
+    assert (work / "record_PCA.json").exists()
+    assert (work / f"record_{integration._safe(inline)}.json").exists()
+    curve = pd.read_csv(tmp_path / "rel_out" / "sim_tiny" / "curve.csv")
+    assert len(curve) == 2 * 2 and set(curve["method"]) == {inline}  # 2 seeds x 2 epochs
 
 
 def test_fm_variant_adds_the_expression_embedding_view():
@@ -190,85 +202,128 @@ def test_reuse_resumes_the_finished_seeds_of_an_interrupted_method(tmp_path, cap
     assert "reused" not in capsys.readouterr().out
 
 
-def test_epoch_curve_scores_every_n_epochs(tmp_path, capsys):
-    """epoch_curve.py: one row per scored epoch (the last one included), JSON and figure written."""
-    epoch_curve = pytest.importorskip("epoch_curve")
-    args = ["--data", "sim_tiny", "--epochs", "5", "--every", "2", "--out", str(tmp_path)]
-    assert epoch_curve.main(args) == 0
-    result = json.loads((tmp_path / "sim_tiny_histovi_seed0.json").read_text())
-    rows = result["rows"]
-    assert [r["epoch"] for r in rows] == [2, 4, 5]
-    for r in rows:
-        assert -1.0 <= r["ARI"] <= 1.0 and np.isfinite(r["elbo_validation"])
-    assert rows[0]["kl_weight"] < rows[-1]["kl_weight"]  # scvi-tools' KL warm-up is visible
-    assert (tmp_path / "sim_tiny_histovi_seed0.png").stat().st_size > 0
-    assert "| 5 |" in capsys.readouterr().out
+def test_inline_variants_parse_and_name_safe_files():
+    assert _methods.parse_inline("a=1,b=0.5,c=True,d=None,e=x,f=1e-3,") == {
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": None,
+        "e": "x",
+        "f": 1e-3,
+    }
+    model, setup, train = _methods.split_kwargs(
+        {
+            "n_latent": 8,
+            "plan.lr": 0.01,
+            "train.batch_size": 64,
+            "setup.categorical_covariate_keys": "patient",
+            "train_kwargs": {"early_stopping": True},
+        }
+    )
+    assert model == {"n_latent": 8} and setup == {"categorical_covariate_keys": ["patient"]}
+    assert train == {"early_stopping": True, "batch_size": 64, "plan_kwargs": {"lr": 0.01}}
+    ctx = _methods.Context()
+    assert _methods.variant_of("HistoVI-noMorph:n_latent=8", ctx) == (
+        "HistoVI",
+        {"use_morphology": False, "n_latent": 8},
+    )
+    assert _methods.variant_of("scVI:n_hidden=32", ctx) == ("scVI", {"n_hidden": 32})
+    assert _methods.variant_of("PCA", ctx) is None and _methods.variant_of("scVI", ctx) is None
+    with pytest.raises(ValueError, match="key=value"):
+        _methods.variant_of("HistoVI:use_niche", ctx)
+    with pytest.raises(KeyError, match="Unknown methods.*inline"):
+        integration.run_benchmark("sim_tiny", ["Foo:x=1"], seeds=[0], out="unused")
+    # old names keep their files; inline ones are file-system safe and never collide
+    assert integration._safe("scVI+agg") == "scVI_agg"
+    a, b = integration._safe("HistoVI:a=0.1"), integration._safe("HistoVI:a=0_1")
+    assert a != b and a.startswith("HistoVI_a_0_1-") and all(c.isalnum() or c in "-_" for c in a)
+    assert len(integration._safe("HistoVI:" + "n_latent=8," * 50)) <= 89
 
 
-def test_epoch_curve_refuses_bad_arguments(capsys):
-    epoch_curve = pytest.importorskip("epoch_curve")
-    for args in (["--every", "0"], ["--kwargs", "{cycle_weight: 0}"]):
-        with pytest.raises(SystemExit):
-            epoch_curve.main(["--data", "sim_tiny", *args])
-    err = capsys.readouterr().err
-    assert "--every 0" in err and "is not JSON" in err
+def test_inline_variants_fast_curve_and_extras(tmp_path, capsys):
+    """Inline HistoVI / scVI variants (plan.* reaches the training plan), --fast, --curve, and
+    variant_sweep's extras (patient purity, latent and posterior sd) in the table."""
+    methods = ["PCA", "HistoVI:use_niche=False,plan.n_epochs_kl_warmup=None", "scVI:n_hidden=32"]
+    kw = {"out": tmp_path, "in_process": True, "fast": True, "max_epochs": 3, "curve_every": 2}
+    result = integration.run_benchmark("sim_tiny", methods, seeds=[0], **kw)
+    out = tmp_path / "sim_tiny"
+    table = {row["method"]: row for row in result["table"]}
+    assert list(table) == methods and all(r["status"] == "ok" for r in table.values())
+    assert "batch" not in table["PCA"] and not list(out.glob("*.png"))  # --fast
+    for name, row in table.items():
+        assert 0.0 < row["patient_purity"] <= 1.0  # sim_tiny has obs['patient']
+        neural = name != "PCA"
+        assert (row.get("latent_sd") is not None) == neural
+        assert (row.get("posterior_sd") is not None) == neural
+    assert "n_hidden" in table["scVI:n_hidden=32"]["settings"]
+    assert "'use_niche': False" in table[methods[1]]["settings"]
+    names = sorted(p.name for p in (out / "work" / "embeddings").glob("*.npy"))
+    assert len(names) == 3 and not any(c in n for n in names for c in ":,=")
+    curve = pd.read_csv(out / "curve.csv")
+    assert sorted(set(curve["method"])) == sorted(methods[1:])
+    for name, part in curve.groupby("method"):
+        assert part["epoch"].tolist() == [2, 3]  # every 2 epochs and the last
+        assert np.isfinite(part["elbo_validation"]).all()
+        # the last row scores the final latent, as the table does
+        assert part["ARI"].iloc[-1] == pytest.approx(table[name]["ARI"])
+    kl = curve.groupby("method")["kl_weight"].first()
+    assert kl[methods[1]] == 1.0 and kl["scVI:n_hidden=32"] < 1.0  # plan.* reached the plan
+    assert (out / "curve.md").read_text().count("####") == 2
+    capsys.readouterr()
+    integration.run_benchmark("sim_tiny", methods, seeds=[0], reuse=True, **kw)
+    assert capsys.readouterr().out.count("reused from") == 3
 
 
-def test_label_probe_tells_a_label_embedding_from_noise(tmp_path, monkeypatch):
-    label_probe = pytest.importorskip("label_probe")
+def test_main_probe_embedding_summary_and_rebuild(tmp_path):
+    """One entry point: a precomputed embedding, --probe (histovi.metrics.label_probe and
+    cluster_composition) and the cross-scenario summary, rebuilt with --rebuild-report."""
+    import shutil
+
     import _data
 
-    monkeypatch.setattr(label_probe, "CACHE", tmp_path / "cache")
-    adata = _data.load("sim_tiny", cache_dir=tmp_path / "cache")
+    adata = _data.load("sim_tiny")
     rng = np.random.default_rng(0)
     labels = adata.obs[_data.LABEL_KEY].astype(str).to_numpy()
     codes = np.unique(labels, return_inverse=True)[1]
     planted = np.eye(codes.max() + 1)[codes] * 20 + rng.normal(size=(adata.n_obs, codes.max() + 1))
     np.save(tmp_path / "planted.npy", planted)
-    np.save(tmp_path / "noise.npy", rng.normal(size=(adata.n_obs, 4)))
-    table = label_probe.main(
-        [
-            "--data",
-            "sim_tiny",
-            "--embeddings",
-            f"planted={tmp_path / 'planted.npy'}",
-            f"noise={tmp_path / 'noise.npy'}",
-            "--out",
-            str(tmp_path / "out"),
-        ]
+    out = tmp_path / "out"
+    args = ["--data", "sim_tiny", "--methods", "PCA", "--seeds", "0", "--fast", "--probe"]
+    args += ["--in-process", "--embedding", f"planted={tmp_path / 'planted.npy'}"]
+    assert integration.main([*args, "--out", str(out)]) == 0
+    probe = pd.read_csv(out / "sim_tiny" / "label_probe.csv")
+    by = probe.groupby("embedding")[["within", "transfer"]].mean()
+    assert by.loc["planted", "within"] > 0.95 and by.loc["planted", "transfer"] > 0.95
+    assert by.loc["PCA", "within"] < by.loc["planted", "within"]
+    refs = probe[probe["embedding"].str.contains("section alone")]
+    assert len(refs) == 2 * 4 and refs["transfer"].isna().all()  # 2 references x 4 sections
+    comp = pd.read_csv(out / "sim_tiny" / "composition.csv")
+    mine = comp[comp["embedding"] == "planted"]
+    assert len(mine) == codes.max() + 1 and mine["n_spots"].sum() == adata.n_obs
+    assert (mine["label_share"] > 0.9).all() and mine["ARI"].iloc[0] > 0.9
+    assert "| planted | 0 |" in (out / "sim_tiny" / "composition.md").read_text()
+    # a second scenario (a doctored copy where PCA is called Harmony) joins the summary
+    shutil.copytree(out / "sim_tiny", out / "sim")
+    res = json.loads((out / "sim" / "results.json").read_text())
+    res["data"] = "sim"
+    for row in res["table"]:
+        row["method"] = {"PCA": "Harmony"}.get(row["method"], row["method"])
+    (out / "sim" / "results.json").write_text(json.dumps(res))
+    assert integration.main(["--rebuild-report", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    ari = {r["method"]: r["ARI"] for r in res["table"]}
+    assert summary.loc["planted", "sim ARI/best_ref"] == pytest.approx(
+        ari["planted"] / ari["Harmony"]
     )
-    by = table.groupby("embedding")[["balanced_accuracy", "transfer"]].mean()
-    chance = 1 / table["n_classes"].mean()
-    assert by.loc["planted", "balanced_accuracy"] > 0.95 and by.loc["planted", "transfer"] > 0.95
-    assert by.loc["noise", "balanced_accuracy"] < chance + 0.15
-    assert by.loc["noise", "transfer"] < chance + 0.15
-    # the section-alone count references are scored within sections only
-    refs = table[table["embedding"].isin(label_probe.SECTION_ALONE)]
-    assert len(refs) and refs["transfer"].isna().all()
-    assert (refs["balanced_accuracy"] > chance).all()
-    assert (tmp_path / "out" / "label_probe.md").read_text().count("| planted |") == 1
-    # where the clusters go: the planted embedding's clusters are each one label, every spot in
-    # exactly one cluster, and k is the number of labels
-    comp = pd.read_csv(tmp_path / "out" / "composition.csv")
-    planted_comp = comp[comp["embedding"] == "planted"]
-    assert len(planted_comp) == codes.max() + 1
-    assert planted_comp["n_spots"].sum() == adata.n_obs
-    assert (planted_comp["label_share"] > 0.9).all()
-    assert sorted(planted_comp["label"]) == sorted(np.unique(labels))
-    assert not comp["embedding"].isin(label_probe.SECTION_ALONE).any()
-    assert "| planted | 0 |" in (tmp_path / "out" / "composition.md").read_text()
-    ari = comp.groupby("embedding")["ARI"].first()
-    assert ari["planted"] > 0.9 and ari["noise"] < 0.2
+    assert np.isnan(summary.loc["planted", "sim_tiny ARI/best_ref"])  # no reference ran there
+    assert summary.loc["planted", "sim rank"] == 1 and summary.loc["planted", "mean rank"] == 1
+    md = (out / "summary.md").read_text()
+    assert "| method | sim | sim_tiny |" in md and "best reference Harmony" in md
 
 
-def test_label_probe_refuses_bad_embeddings(tmp_path):
-    label_probe = pytest.importorskip("label_probe")
-    np.save(tmp_path / "nan.npy", np.full((5, 2), np.nan))
-    for args, words in (
-        (["--embeddings", "no_path_given"], "NAME=PATH"),
-        (["--embeddings", f"x={tmp_path / 'missing.npy'}"], "existing .npy"),
-        (["--embeddings", f"x={tmp_path / 'nan.npy'}"], "NaN/inf"),
-        (["--runs", str(tmp_path)], "no saved embeddings"),
-    ):
-        with pytest.raises(SystemExit, match=words):
-            label_probe.main(["--data", "sim_tiny", "--out", str(tmp_path / "o"), *args])
+def test_main_refuses_bad_arguments(tmp_path, capsys):
+    for args in (["--curve", "0"], ["--embedding", f"x={tmp_path / 'missing.npy'}"]):
+        with pytest.raises(SystemExit):
+            integration.main(["--data", "sim_tiny", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert "--curve 0" in err and "existing .npy" in err

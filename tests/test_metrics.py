@@ -230,6 +230,105 @@ def test_evaluate_combines_everything():
     assert 0.9 < coh <= 1.0
 
 
+def _probe_adata(seed: int = 0) -> ad.AnnData:
+    """4 sections (2 per patient) of 3 labels x 20 spots; each patient's labels sit at their own
+    place in ``obsm['X_patient']``, at one shared place in ``obsm['X_shared']``."""
+    rng = np.random.default_rng(seed)
+    lab = np.tile(np.repeat([0, 1, 2], 20), 4)
+    section = np.repeat(np.arange(4), 60)
+    patient = section // 2
+    centers = np.eye(3) * 6
+    shared = centers[lab] + rng.normal(size=(240, 3))
+    labels = np.array(["tumour", "stroma", "fat"], dtype=object)[lab]
+    labels[:3] = None  # unlabelled spots are skipped
+    obs = pd.DataFrame(
+        {
+            "label": labels,
+            "sample": [f"s{i}" for i in section],
+            "patient": [f"p{i}" for i in patient],
+        },
+        index=[str(i) for i in range(240)],
+    )
+    adata = ad.AnnData(np.zeros((240, 1), dtype=np.float32), obs=obs)
+    adata.obsm["X_shared"] = shared
+    adata.obsm["X_patient"] = np.hstack([shared[:, [1, 2, 0]] * (patient == 1)[:, None], shared])
+    adata.obsm["X_patient"][patient == 1, 3:] = 0  # patient 1 only in the first three dims
+    adata.obsm["X_noise"] = rng.normal(size=(240, 3))
+    return adata
+
+
+def test_label_probe_tells_labels_from_noise_and_transfer_across_groups():
+    adata = _probe_adata()
+    shared = metrics.label_probe(adata, "X_shared", group_key="patient")
+    assert list(shared.columns) == [
+        "sample",
+        "group",
+        "n_spots",
+        "n_classes",
+        "chance",
+        "within",
+        "transfer",
+    ]
+    assert list(shared["sample"]) == ["s0", "s1", "s2", "s3"] and shared["n_classes"].eq(3).all()
+    assert shared["n_spots"].tolist() == [57, 60, 60, 60]
+    assert (shared["within"] > 0.95).all() and (shared["transfer"] > 0.95).all()
+    noise = metrics.label_probe(adata, "X_noise", group_key="patient")
+    assert (noise["within"] < 1 / 3 + 0.2).all() and (noise["transfer"] < 1 / 3 + 0.2).all()
+    # each patient's labels at its own place: held within sections and between a patient's
+    # sections, not across patients
+    own = metrics.label_probe(adata, "X_patient", group_key="patient")
+    assert (own["within"] > 0.95).all() and (own["transfer"] < 0.6).all()
+    by_section = metrics.label_probe(adata, "X_patient")  # learns from the sibling section too
+    assert "group" not in by_section and (by_section["transfer"] > own["transfer"]).all()
+    alone = metrics.label_probe(adata[adata.obs["sample"] == "s1"].copy(), "X_shared")
+    assert len(alone) == 1 and np.isnan(alone["transfer"].item())  # nothing to learn from
+
+
+def test_label_probe_errors_name_the_key():
+    adata = _probe_adata()
+    with pytest.raises(KeyError, match=r"obsm\['X_missing'\].*embedding_key"):
+        metrics.label_probe(adata, "X_missing")
+    with pytest.raises(KeyError, match=r"obs\['celltype'\]"):
+        metrics.label_probe(adata, "X_shared", label_key="celltype")
+    with pytest.raises(KeyError, match=r"obs\['donor'\]"):
+        metrics.label_probe(adata, "X_shared", group_key="donor")
+    with pytest.raises(ValueError, match="min_class_size=3 is below n_folds=5"):
+        metrics.label_probe(adata, "X_shared", min_class_size=3)
+    with pytest.raises(ValueError, match="no section.*two classes"):
+        metrics.label_probe(adata, "X_shared", min_class_size=21)
+
+
+def test_cluster_composition_hand_computed():
+    adata = _toy_adata()
+    # labels a a b b c c undetermined None None | a b b; spot 7 alone in an unlabelled cluster
+    adata.obs["domain"] = ["0", "0", "1", "1", "1", "1", "0", "9", "0", "5", "5", "6"]
+    comp = metrics.cluster_composition(adata, "domain", "label", "sample")
+    assert list(comp.columns) == [
+        "cluster",
+        "n_spots",
+        "group",
+        "group_share",
+        "label",
+        "label_share",
+    ]
+    assert comp["cluster"].tolist()[:2] == ["0", "1"] and comp["n_spots"].tolist()[:2] == [4, 4]
+    c = comp.set_index("cluster")
+    assert c.loc["0", "label"] == "a" and c.loc["0", "label_share"] == 1.0  # undetermined skipped
+    assert c.loc["1", "label_share"] == 0.5 and c.loc["5", "label_share"] == 0.5
+    assert c.loc["6", "label"] == "b" and c.loc["6", "group"] == "s2"
+    assert c.loc["9", "label"] == "" and np.isnan(c.loc["9", "label_share"])
+    assert (c["group_share"] == 1.0).all() and c["n_spots"].sum() == 12
+    adata.obs["patient"] = ["p0"] * 3 + ["p1"] * 9
+    assert c.loc["0", "group_share"] == 1.0
+    mixed = metrics.cluster_composition(adata, "domain", "label", "patient").set_index("cluster")
+    assert mixed.loc["0", "group_share"] == 0.5 and mixed.loc["1", "group"] == "p1"
+    with pytest.raises(KeyError, match=r"obs\['clusters'\].*histovi.tl.domains"):
+        metrics.cluster_composition(adata, "clusters", "label", "sample")
+    adata.obs.loc["spot0", "domain"] = None
+    with pytest.raises(ValueError, match="missing values"):
+        metrics.cluster_composition(adata, "domain", "label", "sample")
+
+
 def _her2st_path():
     import os
     from pathlib import Path

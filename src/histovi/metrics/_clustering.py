@@ -17,6 +17,7 @@ from ..tl._utils import (
     as_str_array,
     check_adata,
     check_embedding,
+    get_cluster_column,
     get_obs_column,
     labelled_mask,
 )
@@ -74,14 +75,7 @@ def per_sample_scores(
     """
     check_adata(adata)
     labels = as_str_array(get_obs_column(adata, label_key))
-    clusters = get_obs_column(
-        adata, cluster_key, hint="run histovi.tl.domains(adata) first or pass `cluster_key=`"
-    )
-    if clusters.isna().any():
-        raise ValueError(
-            f"adata.obs['{cluster_key}'] has missing values: every spot needs a cluster; "
-            "recompute it on all spots."
-        )
+    clusters = get_cluster_column(adata, cluster_key)
     samples = as_str_array(get_obs_column(adata, sample_key))
     mask = labelled_mask(labels, ignore)
     if not mask.any():

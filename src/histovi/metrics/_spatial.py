@@ -7,7 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY
-from ..tl._utils import as_str_array, check_adata, get_neighbors, get_obs_column
+from ..tl._utils import as_str_array, check_adata, get_cluster_column, get_neighbors
 
 
 def _coherence_row(same: np.ndarray, codes: np.ndarray, n_cat: int) -> dict[str, float]:
@@ -52,13 +52,7 @@ def spatial_coherence(
     ``sample='all'`` (pairs pooled over sections, ``expected`` from pooled per-section chance).
     """
     check_adata(adata)
-    clusters = get_obs_column(
-        adata, cluster_key, hint="run histovi.tl.domains(adata) first or pass `cluster_key=`"
-    )
-    if clusters.isna().any():
-        raise ValueError(
-            f"adata.obs['{cluster_key}'] has missing values: every spot needs a cluster."
-        )
+    clusters = get_cluster_column(adata, cluster_key)
     codes = pd.Categorical(as_str_array(clusters)).codes.astype(np.int64)
     n_cat = int(codes.max()) + 1
     if sample_key in adata.obs.columns:

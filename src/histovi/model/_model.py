@@ -44,10 +44,11 @@ MORPHOLOGY_VIEW = "morphology"
 
 
 #: Training budget of the default ``max_epochs``, in spot passes (spots x epochs): about 4,700
-#: minibatch updates at ``batch_size=128``. Measured with ``benchmarks/epoch_curve.py``: the
-#: domain ARI peaks after a few thousand updates and then falls while the validation ELBO still
-#: improves (the latent over-integrates), on the simulator and on her2st alike; scVI's rule
-#: (8 million spot passes, 400 epochs below 20,000 spots) lies far past that peak.
+#: minibatch updates at ``batch_size=128``. Measured with ``benchmarks/integration.py
+#: --curve``: the domain ARI peaks after a few thousand updates and then falls while the
+#: validation ELBO still improves (the latent over-integrates), on the simulator and on her2st
+#: alike; scVI's rule (8 million spot passes, 400 epochs below 20,000 spots) lies far past that
+#: peak.
 DEFAULT_SPOT_PASSES = 600_000
 
 
@@ -533,7 +534,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         studies get a comparable number of updates. That is fewer than scVI's rule (400 epochs
         below 20,000 spots): trained that long, the latent over-integrates and domains blur
         (her2st: ARI 0.21 after 400 epochs, about 0.28 after 90; see
-        ``benchmarks/epoch_curve.py``).
+        ``benchmarks/integration.py --curve``).
         A query model's default is a tenth of the reference's training work (spots x epochs),
         between 10 and 200 epochs. Lightning arguments (``strategy``, ``callbacks``, ``enable_checkpointing``,
         ``default_root_dir``, ``ckpt_path`` ...) pass through, so long runs can checkpoint and

@@ -83,6 +83,19 @@ def get_obs_column(adata: AnnData, key: str, name: str = "adata", hint: str = ""
     return adata.obs[key]
 
 
+def get_cluster_column(adata: AnnData, cluster_key: str) -> pd.Series:
+    """Return ``adata.obs[cluster_key]``, raising unless every spot has a cluster."""
+    clusters = get_obs_column(
+        adata, cluster_key, hint="run histovi.tl.domains(adata) first or pass `cluster_key=`"
+    )
+    if clusters.isna().any():
+        raise ValueError(
+            f"adata.obs['{cluster_key}'] has missing values: every spot needs a cluster; "
+            "recompute it on all spots."
+        )
+    return clusters
+
+
 def labelled_mask(labels: Any, ignore: Iterable[str] = ()) -> np.ndarray:
     """Boolean mask of spots with a usable label: not missing and not in ``ignore``."""
     s = pd.Series(np.asarray(labels, dtype=object))
