@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -37,6 +38,16 @@ from ..data._anchors import AnchorCallback
 from ..data._context import NeighborContext, NeighborContextCallback, context_bank
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
+from ._saving import (
+    VERSIONS_ATTR,
+    atomic_save,
+    check_load_adata,
+    current_versions,
+    read_saved_model,
+    version_note,
+    warn_if_other_version,
+)
+from ._training import HistoTrainingPlan, prepare_training
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +149,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
 
     _module_cls = HistoVAE
     _data_splitter_cls = NeighborhoodDataSplitter
+    # stops on a NaN / inf loss before the optimizer step, naming the view (model/_training.py)
+    _training_plan_cls = HistoTrainingPlan
     # Inference loads the neighbours too (the niche encoder expert needs their counts).
     _data_loader_cls = NeighborhoodDataLoader
 
@@ -556,8 +569,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         plan_kwargs = dict(plan_kwargs or {})
         if getattr(self, "is_query_", False):
             plan_kwargs.setdefault("weight_decay", 0.0)
-        if checkpoint_dir is not None:
-            trainer_kwargs.update(_checkpointing(checkpoint_dir, trainer_kwargs))
+        # argument checks, checkpoint and resume, stop on divergence (model/_training.py)
+        trainer_kwargs.update(
+            prepare_training(self, max_epochs, batch_size, checkpoint_dir, trainer_kwargs)
+        )
         if getattr(self.module, "spatial_prior", False):
             # the loaders read the neighbours' latents from a bank refreshed every epoch
             context = NeighborContext(self._neighbors())
@@ -747,6 +762,8 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         train; every reference weight, including the reference's covariate columns, is frozen,
         so the reference's latent is unchanged bit for bit. Run :meth:`prepare_query_anndata` first.
         """
+        if isinstance(reference_model, os.PathLike):
+            reference_model = str(reference_model)
         ref = _ReferenceInfo(reference_model)
         record = ref.record
         for name, key in record["views"].items():
@@ -767,10 +784,49 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         _restore_encoder_input(model)
         return model
 
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model (see :meth:`scvi.model.base.BaseModelClass.save`), atomically.
+
+        The files are written into a temporary folder beside ``dir_path``, flushed to disk and
+        then moved into ``dir_path`` (the model file last): a crash while saving leaves the
+        model saved there before complete and loadable. The versions of histovi, scvi-tools and
+        torch are saved with the model, so :meth:`load` can say what differs.
+        """
+        setattr(self, VERSIONS_ATTR, current_versions())
+        atomic_save(super().save, dir_path, prefix, overwrite, save_anndata=save_anndata, **kwargs)
+
     @classmethod
     def load(cls, dir_path, adata=None, **kwargs) -> HistoVI:
-        """Load a saved model (see :meth:`scvi.model.base.BaseModelClass.load`)."""
-        model = super().load(dir_path, adata=adata, **kwargs)
+        """Load a saved model (see :meth:`scvi.model.base.BaseModelClass.load`).
+
+        The folder is checked first; each problem is one error naming the file and the fix:
+        the folder or ``model.pt`` missing, the file corrupted or cut short, a model of another
+        class, ``adata`` with other genes or genes in another order than the model's (which
+        scvi-tools only warns about), weights that do not fit this version of histovi (with the
+        versions that saved the model). A model saved with another histovi version loads with a
+        warning.
+        """
+        saved = read_saved_model(dir_path, kwargs.get("prefix"))
+        check_load_adata(adata, saved, dir_path)
+        warn_if_other_version(saved, dir_path)
+        try:
+            model = super().load(dir_path, adata=adata, **kwargs)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            detail = " ".join(str(err).split())[:400]
+            raise ValueError(
+                f"The weights saved in {dir_path} do not fit this version's HistoVI"
+                f"{version_note(saved)}: {detail}. Load it with the histovi version that saved "
+                "it."
+            ) from err
         _restore_encoder_input(model)
         return model
 
@@ -804,24 +860,6 @@ def _restore_encoder_input(model: HistoVI) -> None:
     model.module.normalize_input = bool(model.histovi_setup_.get("normalize_input", False))
 
 
-def _checkpointing(checkpoint_dir, trainer_kwargs) -> dict:
-    """Lightning arguments that save ``last.ckpt`` every epoch and resume from it if present."""
-    from pathlib import Path
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    path = Path(checkpoint_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    callback = ModelCheckpoint(dirpath=path, save_last=True, save_top_k=0, every_n_epochs=1)
-    callbacks = list(trainer_kwargs.get("callbacks") or []) + [callback]
-    out = {"callbacks": callbacks, "enable_checkpointing": True}
-    last = path / "last.ckpt"
-    if last.exists() and "ckpt_path" not in trainer_kwargs:
-        logger.info(f"Resuming training from {last}.")
-        out["ckpt_path"] = str(last)
-    return out
-
-
 def _plain(value):
     """uns entries can be nested mappings / arrays; keep a plain, picklable copy."""
     if value is None:
@@ -837,11 +875,12 @@ class _ReferenceInfo:
     """What query mapping needs from a reference given as a model or a saved-model folder."""
 
     def __init__(self, reference_model):
-        if isinstance(reference_model, str):
-            from scvi.model.base._save_load import _load_saved_files
-
-            attr_dict, var_names, state_dict, _ = _load_saved_files(
-                reference_model, load_adata=False, map_location="cpu"
+        if isinstance(reference_model, str | os.PathLike):
+            saved = read_saved_model(reference_model)
+            attr_dict, var_names, state_dict = (
+                saved["attr_dict"],
+                saved["var_names"],
+                saved["model_state_dict"],
             )
             registry = attr_dict["registry_"]
             self.record = attr_dict["histovi_setup_"]

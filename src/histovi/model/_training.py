@@ -1,0 +1,423 @@
+"""Training that survives faults: exact resumption from a checkpoint, atomic checkpoint files,
+and a stop with a clear message when a loss term diverges.
+
+* :func:`checkpointing` gives :meth:`histovi.HistoVI.train` the Lightning arguments behind its
+  ``checkpoint_dir=``: ``last.ckpt`` written atomically at the end of every epoch and read back
+  (after checking that it belongs to this model and data) when training starts again.
+* :class:`ResumeStateCallback` stores what a checkpoint of Lightning lacks for a resumed run to
+  continue *exactly* as the uninterrupted one: the random number generators (minibatch order,
+  dropout, posterior samples, view dropout), captured at the end of every epoch and restored at
+  the start of the next one (in uninterrupted runs as well, so both follow the same path).
+  Everything else that carries over between epochs is in the checkpoint already (weights,
+  buffers such as the spatial prior's precision, optimizer and loop state) or is recomputed at
+  every epoch start from those (the spatial prior's latent bank, the anchors).
+* :class:`HistoTrainingPlan` refuses a minibatch whose loss or gradients are not finite, before
+  the optimizer step, so the model keeps its last good weights, and names the view (expression,
+  morphology, niche, ...) whose term diverged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from scvi.train import TrainingPlan
+
+logger = logging.getLogger(__name__)
+
+#: Key of histovi's record in a Lightning checkpoint written by ``train(checkpoint_dir=...)``.
+CHECKPOINT_KEY = "histovi"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss term or a gradient became NaN or infinite; the model keeps its last good weights.
+
+    ``views`` names the parts of the model that diverged, ``epoch`` and ``step`` (optimizer steps
+    done before) say when."""
+
+    def __init__(self, message: str, views=(), epoch: int = 0, step: int = 0):
+        super().__init__(message)
+        self.views = tuple(views)
+        self.epoch = epoch
+        self.step = step
+
+
+# ---------------------------------------------------------------------------- random state
+def rng_state() -> dict[str, Any]:
+    """States of every random number generator training draws from."""
+    # the global numpy state (what scvi.settings.seed seeds), as plain types and a tensor:
+    # checkpoints are read back with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": numpy_state,
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = np.asarray(keys, dtype=np.int64).astype(np.uint32)
+    np.random.set_state((kind, keys, int(pos), int(has_gauss), float(gauss)))  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):  # resumed on fewer devices
+            logger.warning("Could not restore the CUDA random state: the resumed run may differ.")
+
+
+class ResumeStateCallback(Callback):
+    """Save ``last.ckpt`` at the end of every epoch, with the random state and a record of what
+    the checkpoint belongs to; restore the random state at the start of every epoch (in an
+    uninterrupted run too, so that a resumed run follows the same path)."""
+
+    def __init__(self, fingerprint: dict[str, Any], path: Path | None = None):
+        self.fingerprint = fingerprint
+        self.path = path
+        self.rng: dict[str, Any] | None = None
+        self._resumed = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.rng is not None:
+            set_rng_state(self.rng)
+        if self._resumed:
+            # Lightning fetched this epoch's first minibatch while restoring, before the random
+            # state was restored and before the epoch-start callbacks refreshed what the
+            # minibatches carry (the spatial prior's bank): fetch it again once those ran
+            pl_module._histovi_refetch = True
+            self._resumed = False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.rng = rng_state()
+        if self.path is not None and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rng = state_dict.get("rng")
+        self._resumed = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = dict(self.fingerprint)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside its target, flush it to disk and rename
+    it over the target: a crash while saving leaves the previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same folder (then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def _digest(values) -> str:
+    h = hashlib.sha1()
+    for v in values:
+        h.update(str(v).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def training_fingerprint(model) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by ``model``: data, model settings, seed."""
+    import scvi
+
+    from .. import __version__
+
+    manager = model.adata_manager
+    adata = manager.adata
+    init = dict(model.init_params_.get("non_kwargs", {}))
+    init.update(model.init_params_.get("kwargs", {}).get("module_kwargs", {}) or {})
+    params = {k: repr(v) for k, v in sorted(init.items())}
+    return {
+        "n_obs": int(adata.n_obs),
+        "obs_names": _digest(adata.obs_names),
+        "var_names": _digest(adata.var_names),
+        "setup_args": repr(sorted(manager.registry["setup_args"].items())),
+        "model_params": params,
+        "state_keys": _digest(sorted(model.module.state_dict())),
+        "seed": scvi.settings.seed,
+        "histovi_version": __version__,
+    }
+
+
+def _compare_fingerprints(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    fix = (
+        f"pass another checkpoint_dir, or delete {path} to train from scratch with the current "
+        "settings"
+    )
+    what = {
+        "n_obs": "number of spots",
+        "obs_names": "spots (obs_names)",
+        "var_names": "genes (var_names)",
+        "setup_args": "setup_anndata arguments",
+        "state_keys": "model layout",
+    }
+    differ = [label for key, label in what.items() if saved.get(key) != now.get(key)]
+    saved_params, now_params = saved.get("model_params", {}), now.get("model_params", {})
+    for key in sorted(set(saved_params) | set(now_params)):
+        if saved_params.get(key) != now_params.get(key):
+            differ.append(f"{key}={saved_params.get(key)} (now {now_params.get(key)})")
+    if differ:
+        raise ValueError(
+            f"checkpoint_dir: {path} was written for another model or data set (differs: "
+            f"{', '.join(differ)}): {fix}."
+        )
+    if saved.get("seed") != now.get("seed"):
+        logger.warning(
+            f"Resuming {path}, written with scvi.settings.seed={saved.get('seed')}, under seed "
+            f"{now.get('seed')}: training continues, but the train/validation split and the "
+            "minibatches differ from the interrupted run, so the result will not match an "
+            "uninterrupted run."
+        )
+
+
+def read_checkpoint_record(path: Path) -> dict[str, Any]:
+    """The histovi record of a Lightning checkpoint; a clear error when it is unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, ...
+        raise ValueError(
+            f"checkpoint_dir: {path} cannot be read ({type(err).__name__}: {err}); it was "
+            f"probably cut short by a crash. Delete it to train from scratch (the folder's "
+            "other files are not used)."
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"checkpoint_dir: {path} is not a Lightning checkpoint of HistoVI.train: delete it or "
+            "pass another checkpoint_dir."
+        )
+    return ckpt.get(CHECKPOINT_KEY) or {}
+
+
+def checkpointing(model, checkpoint_dir, trainer_kwargs: dict) -> dict:
+    """Lightning arguments for ``train(checkpoint_dir=...)``: write ``last.ckpt`` atomically at
+    the end of every epoch, and resume from it (after checking it) when it exists."""
+    path = Path(checkpoint_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} is a file: pass a folder (it is created "
+            "if needed)."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} cannot be created ({err.strerror or err}): "
+            "pass a writable folder."
+        ) from err
+    fingerprint = training_fingerprint(model)
+    last = path / LAST_CHECKPOINT
+    # First, so that the random state is restored before other callbacks draw from it at the
+    # start of an epoch (the spatial prior's bank refresh samples the posterior). Lightning's
+    # ModelCheckpoint(save_top_k=0, save_last=True) is not used: it writes last.ckpt only when
+    # training ends, so a killed run would leave nothing to resume from.
+    callbacks = [ResumeStateCallback(fingerprint, last)]
+    callbacks += list(trainer_kwargs.get("callbacks") or [])
+    plugins = trainer_kwargs.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    out = {"callbacks": callbacks, "plugins": plugins}
+    if last.exists() and "ckpt_path" not in trainer_kwargs:
+        _compare_fingerprints(read_checkpoint_record(last), fingerprint, last)
+        logger.info(f"Resuming training from {last}.")
+        out["ckpt_path"] = str(last)
+    return out
+
+
+def prepare_training(model, max_epochs, batch_size, checkpoint_dir, trainer_kwargs: dict) -> dict:
+    """Trainer arguments of :meth:`HistoVI.train` after checking its arguments: the checkpoint
+    callbacks when ``checkpoint_dir`` is given, and the handler of a diverged training."""
+    check_train_args(model, max_epochs, batch_size)
+    out = {}
+    if checkpoint_dir is not None:
+        out = checkpointing(model, checkpoint_dir, trainer_kwargs)
+    callbacks = list(out.get("callbacks", trainer_kwargs.get("callbacks")) or [])
+    out["callbacks"] = callbacks + [DivergenceCallback(model)]
+    return out
+
+
+class DivergenceCallback(Callback):
+    """When training stopped on a diverged minibatch: leave the model in evaluation mode with
+    its last good weights, usable (``is_trained_``) if it took at least one optimizer step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, TrainingDivergedError):
+            pl_module.module.eval()
+            if exception.step > 0:
+                self.model.is_trained_ = True
+
+
+def check_train_args(model, max_epochs, batch_size) -> None:
+    """Arguments of :meth:`HistoVI.train` checked before any work, and the registered data
+    checked again (it may have been changed in place since ``setup_anndata``)."""
+    from .._validation import check_neighbors
+    from ..module._module import NEIGHBORS_REGISTRY_KEY
+
+    if max_epochs is not None and (
+        isinstance(max_epochs, bool)
+        or not isinstance(max_epochs, int | np.integer)
+        or max_epochs < 1
+    ):
+        raise ValueError(
+            f"max_epochs={max_epochs!r}: pass a positive whole number of epochs, or None for the "
+            "default rule (histovi.model.default_max_epochs)."
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size={batch_size!r}: pass a positive whole number of spots.")
+    manager = model.adata_manager
+    if NEIGHBORS_REGISTRY_KEY in manager.data_registry:
+        field = manager.data_registry[NEIGHBORS_REGISTRY_KEY]
+        adata = manager.adata
+        if hasattr(adata, "obsm") and field.attr_key in adata.obsm and not hasattr(adata, "mod"):
+            batch_key = manager.registry["setup_args"].get("batch_key")
+            check_neighbors(adata, field.attr_key, batch_key, check_digest=False)
+
+
+# ---------------------------------------------------------------------------- divergence
+def _view_of_parameter(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] in ("view_encoders", "view_decoders") and len(parts) > 1:
+        return parts[1]
+    if parts[0].startswith("niche"):
+        return "niche"
+    if parts[0] == "batch_classifier":
+        return "alignment (batch classifier)"
+    if parts[0] == "spatial_log_precision":
+        return "spatial prior"
+    return "expression"
+
+
+DIVERGENCE_FIX = (
+    "The model keeps the weights from before this step (save or inspect it now). Check that "
+    "view's input for extreme values (adata.obsm / raw counts), or train again with a lower "
+    "learning rate (plan_kwargs={'lr': 1e-4}) or a larger batch_size."
+)
+
+
+class HistoTrainingPlan(TrainingPlan):
+    """scvi-tools' training plan that stops, before the optimizer step, on a minibatch whose
+    loss or gradients are not finite (the model then keeps its last good weights)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self._last_loss_output = out[-1]
+        return out
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        value = loss["loss"] if isinstance(loss, dict) else loss
+        if not bool(torch.isfinite(value).all()):
+            bad = self._diverged_terms()
+            where = f"epoch {self.current_epoch}, minibatch {batch_idx}"
+            what = (
+                f"the {', '.join(repr(b) for b in bad)} term{'s' if len(bad) > 1 else ''} of the loss"
+                if bad
+                else "the loss (no single term)"
+            )
+            raise TrainingDivergedError(
+                f"Training diverged at {where}: {what} is NaN or infinite. {DIVERGENCE_FIX}",
+                views=bad,
+                epoch=self.current_epoch,
+                step=self.global_step,
+            )
+        return loss
+
+    def _diverged_terms(self) -> list[str]:
+        out = getattr(self, "_last_loss_output", None)
+        bad = []
+        if out is not None:
+            terms = dict(out.reconstruction_loss or {})
+            terms.update({f"KL ({k})": v for k, v in (out.kl_local or {}).items()})
+            terms.update(dict(out.extra_metrics or {}))
+            for name, value in terms.items():
+                if torch.is_tensor(value) and not bool(torch.isfinite(value).all()):
+                    bad.append(name)
+        return bad
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if getattr(self, "_histovi_refetch", False):
+            # after every epoch-start callback, as in an uninterrupted epoch (see
+            # ResumeStateCallback): draw the minibatch order and the first minibatch again
+            self._histovi_refetch = False
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
+        if params:
+            norms = torch.stack([p.grad.detach().float().norm() for _, p in params])
+            if not bool(torch.isfinite(norms).all()):
+                bad = [
+                    n for (n, _), ok in zip(params, torch.isfinite(norms), strict=True) if not ok
+                ]
+                views = sorted({_view_of_parameter(n) for n in bad})
+                raise TrainingDivergedError(
+                    f"Training diverged at epoch {self.current_epoch}: the gradients of the "
+                    f"{', '.join(repr(v) for v in views)} part of the model are NaN or infinite "
+                    f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). " + DIVERGENCE_FIX,
+                    views=views,
+                    epoch=self.current_epoch,
+                    step=self.global_step,
+                )
+        super().on_before_optimizer_step(optimizer)
