@@ -12,6 +12,7 @@ from anndata import AnnData
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm.auto import tqdm
 
+from .._threads import keeps_torch_threads
 from ..tl._domains import cluster_embedding
 from ..tl._utils import (
     as_str_array,
@@ -93,6 +94,7 @@ def n_label_classes(labels: Any, ignore: Iterable[str] = ("undetermined",)) -> i
     return int(len(np.unique(labels[labelled_mask(labels, ignore)].astype(str))))
 
 
+@keeps_torch_threads
 def cluster_and_score(
     embedding: Any,
     labels: Sequence[Any] | np.ndarray | pd.Series,

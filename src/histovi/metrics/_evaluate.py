@@ -8,6 +8,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import LATENT_KEY, NEIGHBORS_KEY
+from .._threads import keeps_torch_threads
 from ..tl._utils import check_adata, get_obs_column, get_rep
 from ._clustering import cluster_and_score, per_sample_scores, summarize
 from ._integration import integration_scores
@@ -16,6 +17,7 @@ from ._spatial import spatial_coherence
 _COLUMNS = ["group", "method", "metric", "value", "std"]
 
 
+@keeps_torch_threads
 def evaluate(
     adata: AnnData,
     use_rep: str = LATENT_KEY,

@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import LATENT_KEY
+from .._threads import keeps_torch_threads
 from ..tl._utils import as_str_array, check_adata, get_obs_column, get_rep, labelled_mask
 
 #: (metric, kind) in the order of the returned table. Higher is better for all of them.
@@ -22,6 +23,7 @@ INTEGRATION_METRICS = (
 )
 
 
+@keeps_torch_threads
 def integration_scores(
     adata: AnnData,
     use_rep: str = LATENT_KEY,

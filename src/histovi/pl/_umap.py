@@ -11,10 +11,12 @@ from anndata import AnnData
 from matplotlib.lines import Line2D
 
 from .._constants import LATENT_KEY
+from .._threads import keeps_torch_threads
 from ..tl._utils import check_adata, get_obs_column, get_rep
 from ._utils import as_categories, category_colors, finish, is_categorical
 
 
+@keeps_torch_threads
 def latent_umap(
     adata: AnnData,
     use_rep: str = LATENT_KEY,

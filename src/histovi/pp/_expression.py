@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from .._constants import UNS_KEY
+from .._threads import keeps_torch_threads
 from ._encoders import sha256_file, sha256_state_dict
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ _SCGPT_ROUTE = (
 )
 
 
+@keeps_torch_threads
 def embed_expression(
     adata: AnnData,
     model: str | Any,

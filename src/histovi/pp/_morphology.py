@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
+from .._threads import keeps_torch_threads
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
 from ._stain import estimate_chroma_threshold, fit_from_tiles, make_normalizer, tissue_mask
@@ -157,6 +158,7 @@ def _plain(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # main entry point
 # --------------------------------------------------------------------------------------------
+@keeps_torch_threads
 def embed_morphology(
     data: Any,
     encoder: str | os.PathLike | torch.nn.Module | None = None,

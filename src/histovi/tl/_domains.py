@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import LATENT_KEY, NEIGHBORS_KEY
+from .._threads import keeps_torch_threads
 from ._utils import check_adata, get_neighbors, get_rep, neighbor_graph, record_settings
 
 ClusterMethod = Literal["gmm", "kmeans", "leiden"]
@@ -19,6 +20,7 @@ ClusterMethod = Literal["gmm", "kmeans", "leiden"]
 GMM_COVARIANCE = "full"
 
 
+@keeps_torch_threads
 def cluster_embedding(
     X: np.ndarray,
     n_clusters: int | None,
@@ -166,6 +168,7 @@ def smooth_labels(codes: np.ndarray, nbrs: np.ndarray, n_iter: int) -> np.ndarra
     return codes
 
 
+@keeps_torch_threads
 def domains(
     adata: AnnData,
     n_domains: int | None = None,
