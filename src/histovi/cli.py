@@ -5,7 +5,13 @@ report, all written into one output folder. Without ``--input`` it runs on the b
 study (with H&E-like images), so a fresh install can be checked end to end with no data.
 
 Exit codes: 0 success, 2 bad input or usage (one line ``histovi: error: ...`` on stderr, no
-traceback), 1 unexpected failure (traceback on stderr).
+traceback), 1 training diverged (one line) or unexpected failure (traceback on stderr), 130
+interrupted.
+
+Nothing is lost: ``--out`` holding a finished run is refused without ``--overwrite``; a run killed
+midway is finished by running the same command again (training resumes from the last completed
+epoch, saved in ``--out``/checkpoints); every output file is written under a temporary name and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ what it writes into --out:
   metrics.json   per-sample ARI/NMI (when labels exist), spatial coherence, scib-metrics scores
   *.png          domains per section, UMAP by sample and by domain, training curves
   report.html    one self-contained page with all of the above and the settings used
+  .histovi_run.json  the run's options and status ('running' until every output is written)
+
+A folder holding a finished run is never overwritten without --overwrite. A run killed midway
+(Ctrl-C, crash, out of time) is finished by running the same command again: training resumes
+from its last completed epoch (--out/checkpoints, removed once the run is complete).
 
 examples:
   histovi run                                   # built-in simulated study, ~6 min on 2 CPUs
@@ -110,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         default="histovi_out",
         metavar="DIR",
-        help="output folder, created if needed (default: %(default)s)",
+        help="output folder, created if needed (default: %(default)s); a folder holding a "
+        "finished run is refused unless --overwrite is given",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a previous run in --out (only the files histovi writes)",
     )
     run.add_argument(
         "--sample-key",
@@ -524,7 +541,8 @@ def figures(
 
     def save(fig, name):
         path = out / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        with _atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
         plt.close(fig)
         paths.append(path)
 
@@ -583,9 +601,123 @@ def _h5ad_safe(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------- output folder
+#: What ``histovi run`` writes into ``--out``: the only paths ``--overwrite`` replaces.
+OUTPUT_FILES = (
+    "adata.h5ad",
+    "metrics.json",
+    "report.html",
+    "domains.png",
+    "labels.png",
+    "umap.png",
+    "training.png",
+)
+OUTPUT_DIRS = ("model", "checkpoints")
+#: Status of the run in ``--out``: its options, and 'running' until every output is written.
+STATUS_FILE = ".histovi_run.json"
+#: Options that do not change what a run computes.
+_NEUTRAL_OPTIONS = ("out", "overwrite", "quiet", "func", "command")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide a run's results (and the input file's size and time)."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in _NEUTRAL_OPTIONS}
+    if args.input is not None:
+        path = Path(args.input).expanduser()
+        if path.exists():
+            stat = path.stat()
+            options["input"] = str(path.resolve())
+            options["input_file"] = [int(stat.st_size), int(stat.st_mtime)]
+    return json.loads(json.dumps(options, default=str))
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """Yield a temporary name beside ``path``; rename it to ``path`` once written."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_status(out: Path, status: str, options: dict[str, Any]) -> None:
+    from . import __version__
+
+    record = {"status": status, "histovi": __version__, "options": options, "time": time.time()}
+    with _atomic_file(out / STATUS_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+
+
+def _remove_outputs(out: Path) -> None:
+    import shutil
+
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    (out / STATUS_FILE).unlink(missing_ok=True)
+
+
+def prepare_out(out: Path, args: argparse.Namespace) -> str:
+    """Check ``--out`` and mark the run as running; return 'new', 'resume' or 'overwrite'.
+
+    A folder with a finished run (or with outputs and no status) is refused unless
+    ``--overwrite``; one with an unfinished run of the same options is finished; one with an
+    unfinished run of other options is refused.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file: pass a folder")
+    options = run_options(args)
+    status = None
+    if (out / STATUS_FILE).exists():
+        try:
+            status = json.loads((out / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            status = {"status": "unreadable"}
+    existing = [n for n in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / n).exists()]
+    if args.overwrite:
+        mode = "overwrite" if existing or status else "new"
+        if out.is_dir():
+            _remove_outputs(out)
+    elif status is not None and status.get("status") == "running":
+        before = status.get("options") or {}
+        differ = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
+        if differ:
+            shown = ", ".join(
+                f"--{k.replace('_', '-')} {before.get(k)!r} (now {options.get(k)!r})"
+                for k in differ
+            )
+            raise InputError(
+                f"--out {str(out)!r} holds an unfinished run with other options ({shown}): run "
+                "the same command again to finish it, pass --overwrite to start over, or "
+                "choose another --out"
+            )
+        mode = "resume"
+    elif status is not None or existing:
+        what = ", ".join(existing) or STATUS_FILE
+        raise InputError(
+            f"--out {str(out)!r} already holds the outputs of a previous run ({what}): pass "
+            "--overwrite to replace them, or choose another --out"
+        )
+    else:
+        mode = "new"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_status(out, "running", options)
+    except OSError as err:
+        raise InputError(f"cannot write into --out {str(out)!r}: {err.strerror or err}") from err
+    return mode
+
+
 # ------------------------------------------------------------------------------- the command
 def cmd_run(args: argparse.Namespace) -> int:
     """``histovi run``: see :func:`build_parser` for the options."""
+    import shutil
+
     import scvi
 
     from . import HistoVI, pp, tl
@@ -604,10 +736,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     prog = _Progress(len(steps), args.quiet)
     out = Path(args.out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create --out {str(out)!r}: {err.strerror or err}") from err
+    mode = prepare_out(out, args)
+    if mode == "resume":
+        prog.say(f"finishing the unfinished run in {out} (training resumes from its checkpoint)")
     settings: dict[str, Any] = {}
 
     with _quiet_libraries(args.quiet):
@@ -646,13 +777,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             # One training rule for the API and the CLI: the built-in study once trained a
             # fixed 40 epochs, too short for the batch-conditioned encoder to align its
             # patients (benchmarks/README.md, "Cycle weight").
-            model.train(
-                max_epochs=args.max_epochs,
-                accelerator=args.accelerator,
-                enable_progress_bar=not args.quiet,
-                enable_model_summary=False,
-            )
-            n_epochs = len(model.history["elbo_train"])
+            with _as_input_error("training"):
+                model.train(
+                    max_epochs=args.max_epochs,
+                    accelerator=args.accelerator,
+                    enable_progress_bar=not args.quiet,
+                    enable_model_summary=False,
+                    # a killed run, run again, resumes from its last completed epoch
+                    checkpoint_dir=out / "checkpoints",
+                )
+            # epochs in all (a resumed run's history holds only the epochs run this time)
+            n_epochs = int(model.history["elbo_train"].index[-1]) + 1
             settings["model"] = model._model_summary_string
             settings["epochs"] = n_epochs
             adata.obsm[LATENT_KEY] = model.get_latent_representation()
@@ -704,7 +839,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for key in [k for k in adata.uns if k.endswith("_colors") or k in ("histovi",)]:
                 adata.uns[key] = _h5ad_safe(adata.uns[key])
             adata.uns["histovi_run"] = _h5ad_safe({"settings": settings})
-            adata.write_h5ad(out / "adata.h5ad")
+            with _atomic_file(out / "adata.h5ad") as tmp:
+                adata.write_h5ad(tmp)
             summary = {
                 "n_spots": int(adata.n_obs),
                 "n_genes": int(adata.n_vars),
@@ -720,16 +856,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "timings_s": prog.timings,
                 **result,
             }
-            (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2, default=str))
-            report = write_report(
-                out / "report.html",
-                settings=settings,
-                summary=summary,
-                metrics=result,
-                per_sample=per_sample,
-                figures=pngs,
-                timings=prog.timings,
-            )
+            with _atomic_file(out / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(metrics_json, indent=2, default=str))
+            report = out / "report.html"
+            with _atomic_file(report) as tmp:
+                write_report(
+                    tmp,
+                    settings=settings,
+                    summary=summary,
+                    metrics=result,
+                    per_sample=per_sample,
+                    figures=pngs,
+                    timings=prog.timings,
+                )
+            # every output is complete: the run is finished and its checkpoint is not needed
+            _write_status(out, "complete", run_options(args))
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
     headline = [f"{k} {result[k]:.3f}" for k in ("ARI_mean", "NMI_mean") if k in result]
     headline.append(f"spatial coherence {result['spatial_coherence']:.3f}")
@@ -755,9 +897,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"histovi: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("histovi: interrupted", file=sys.stderr)
+        print(
+            "histovi: interrupted; run the same command again to finish the run",
+            file=sys.stderr,
+        )
         return 130
-    except Exception:  # noqa: BLE001 - the one place that turns any failure into exit code 1
+    except Exception as err:  # noqa: BLE001 - the one place that turns any failure into exit code 1
+        from .model._training import TrainingDivergedError
+
+        if isinstance(err, TrainingDivergedError):
+            print(f"histovi: error: {err}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(
             "histovi: error: unexpected failure (traceback above); please report it with the "
