@@ -23,10 +23,24 @@ def require_obs(adata: AnnData, key: str, hint: str) -> None:
         raise KeyError(f"adata.obs['{key}'] not found. {hint}")
 
 
+def require_adata(adata, name: str = "adata") -> None:
+    """``TypeError`` naming the fix unless ``adata`` is an AnnData."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            f"{name} must be an AnnData, got {type(adata).__name__}: read it with "
+            "anndata.read_h5ad, or convert a SpatialData object with histovi.io.from_spatialdata."
+        )
+
+
 def require_obsm(adata: AnnData, key: str, hint: str) -> np.ndarray:
     if key not in adata.obsm:
         raise KeyError(f"adata.obsm['{key}'] not found. {hint}")
     value = adata.obsm[key]
+    if sp.issparse(value):
+        raise ValueError(
+            f"adata.obsm['{key}'] is a sparse matrix: store it dense "
+            f"(adata.obsm['{key}'] = adata.obsm['{key}'].toarray())."
+        )
     if hasattr(value, "to_numpy"):
         value = value.to_numpy()
     value = np.asarray(value)
@@ -35,6 +49,15 @@ def require_obsm(adata: AnnData, key: str, hint: str) -> np.ndarray:
             f"adata.obsm['{key}'] must be a 2-D array with one row per spot ({adata.n_obs}), "
             f"got shape {value.shape}."
         )
+    if value.shape[1] == 0:
+        raise ValueError(f"adata.obsm['{key}'] has no columns (shape {value.shape}). {hint}")
+    if value.dtype.kind not in "biuf":
+        try:
+            value = value.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"adata.obsm['{key}'] must hold numbers, got dtype {value.dtype} ({err}). {hint}"
+            ) from err
     return value
 
 
@@ -55,11 +78,19 @@ def check_counts(adata: AnnData, layer: str | None, n_check: int = 20_000) -> No
     where = f"adata.layers['{layer}']" if layer is not None else "adata.X"
     if X is None:
         raise ValueError(f"{where} is empty: store raw counts there.")
-    rows = X[: min(n_check, X.shape[0])]
+    if X.shape[1] == 0:
+        raise ValueError(f"{where} has no genes (shape {X.shape}): pass the genes' raw counts.")
+    # sparse: every stored value (cheap); dense or backed: the first n_check rows
+    rows = X if sp.issparse(X) else X[: min(n_check, X.shape[0])]
     values = rows.data if sp.issparse(rows) else np.asarray(rows)
     if hasattr(values, "compute"):  # dask
         values = values.compute()
     values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{where} has dtype {values.dtype}, not numbers: store the raw counts as integers or "
+            "floats (e.g. adata.X = adata.X.astype('float32'))."
+        )
     if values.size == 0:
         return
     if not np.all(np.isfinite(values)):
@@ -78,7 +109,10 @@ def check_counts(adata: AnnData, layer: str | None, n_check: int = 20_000) -> No
 
 def check_finite_or_nan_rows(values: np.ndarray, key: str) -> np.ndarray:
     """Morphology-like views: a row is either all finite or all NaN (missing). Returns the mask."""
-    values = np.asarray(values, dtype=np.float64)
+    try:
+        values = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adata.obsm['{key}'] must hold numbers ({err}).") from err
     if np.isinf(values).any():
         raise ValueError(
             f"adata.obsm['{key}'] contains inf values: recompute the embedding, or set the rows of "
@@ -128,3 +162,53 @@ def check_neighbors(
                 f"another sample ('{sample_key}'): neighbours must lie within the same section. {hint}"
             )
     return nbrs
+
+
+def check_indices(indices, n_obs: int, name: str = "indices") -> None:
+    """Row numbers must be whole numbers in ``[0, n_obs)`` (or a boolean mask of length n_obs)."""
+    if indices is None:
+        return
+    idx = np.asarray(indices)
+    if idx.dtype == bool:
+        if idx.shape != (n_obs,):
+            raise ValueError(
+                f"{name} is a boolean mask of length {idx.size}, the AnnData has {n_obs} spots: "
+                "pass one value per spot, or row numbers."
+            )
+        return
+    if idx.size == 0:
+        raise ValueError(f"{name} is empty: pass at least one row number.")
+    if idx.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be whole row numbers, got dtype {idx.dtype}.")
+    if idx.min() < 0 or idx.max() >= n_obs:
+        raise ValueError(
+            f"{name} holds row numbers outside [0, {n_obs}) (min {idx.min()}, max {idx.max()}): "
+            "they must be rows of the AnnData passed (adata.obs_names.get_indexer(names) turns "
+            "spot names into row numbers)."
+        )
+
+
+def check_var_names(adata: AnnData, model_genes, owner: str, fix: str) -> None:
+    """``adata``'s genes must be ``model_genes`` in the same order; say what differs.
+
+    ``owner`` names whose genes they are, e.g. "the model's"."""
+    import pandas as pd
+
+    model_genes = pd.Index(np.asarray(model_genes).astype(str))
+    genes = pd.Index(np.asarray(adata.var_names).astype(str))
+    if genes.equals(model_genes):
+        return
+    missing = model_genes.difference(genes)
+    extra = genes.difference(model_genes)
+
+    def few(items):
+        items = list(items)
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    if len(missing) or len(extra):
+        raise ValueError(
+            f"adata's genes differ from {owner}: {len(missing)} of {owner} {len(model_genes)} "
+            f"genes are missing{f' ({few(missing)})' if len(missing) else ''} and {len(extra)} "
+            f"are extra{f' ({few(extra)})' if len(extra) else ''}. {fix}"
+        )
+    raise ValueError(f"adata holds {owner} genes in another order. {fix}")

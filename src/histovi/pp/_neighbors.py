@@ -10,7 +10,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY, SPATIAL_KEY, UNS_KEY
-from .._validation import obs_names_digest, require_obs, require_obsm
+from .._validation import obs_names_digest, require_adata, require_obs, require_obsm
 
 
 def spatial_neighbors(
@@ -42,13 +42,24 @@ def spatial_neighbors(
     """
     import squidpy as sq
 
-    if not isinstance(n_neighbors, int | np.integer) or n_neighbors < 1:
+    require_adata(adata)
+    if (
+        isinstance(n_neighbors, bool)
+        or not isinstance(n_neighbors, int | np.integer)
+        or n_neighbors < 1
+    ):
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
     coords = require_obsm(
         adata,
         spatial_key,
         "Store spot centres there (x, y), or pass spatial_key= naming the obsm key that holds them.",
-    )[:, :2].astype(np.float64)
+    )
+    if coords.shape[1] < 2:
+        raise ValueError(
+            f"adata.obsm['{spatial_key}'] has {coords.shape[1]} column: spot centres need two "
+            "(x, y)."
+        )
+    coords = coords[:, :2].astype(np.float64)
     if not np.all(np.isfinite(coords)):
         bad = int((~np.isfinite(coords)).any(1).sum())
         raise ValueError(
@@ -62,15 +73,32 @@ def spatial_neighbors(
             raise ValueError(
                 f"adata.obs['{sample_key}'] has missing values: every spot needs a sample."
             )
+        # categories without spots (left over after subsetting) are not samples
+        samples = samples.cat.remove_unused_categories()
         sizes = samples.value_counts()
         small = sizes[sizes <= n_neighbors]
         if len(small):
             raise ValueError(
                 f"Samples with at most n_neighbors={n_neighbors} spots in adata.obs['{sample_key}']: "
-                f"{dict(small)}. Remove them or lower n_neighbors."
+                f"{ {str(k): int(v) for k, v in small.items()} }. Remove them or lower n_neighbors."
             )
     elif adata.n_obs <= n_neighbors:
         raise ValueError(f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}.")
+    groups = samples.cat.codes.to_numpy() if sample_key is not None else np.zeros(adata.n_obs)
+    for code in np.unique(groups):
+        xy = coords[groups == code]
+        if np.ptp(xy, axis=0).max() == 0:
+            which = (
+                f"sample '{samples.cat.categories[int(code)]}'"
+                if sample_key is not None
+                else "all spots"
+            )
+            raise ValueError(
+                f"adata.obsm['{spatial_key}'] puts every spot of {which} at the same position "
+                f"({xy[0, 0]:g}, {xy[0, 1]:g}): the coordinates are missing or were overwritten. Store each "
+                "spot's centre (x, y) there, or pass spatial_key= naming the obsm key that holds "
+                "them."
+            )
 
     light = AnnData(
         obs=adata.obs[[sample_key]].copy() if sample_key else None, shape=(adata.n_obs, 0)
