@@ -59,7 +59,13 @@ def read_folder(
         file = folder / h5ad
         if not file.exists():
             raise ValueError(f"read_folder: {str(file)!r} does not exist: check h5ad=")
-    adata = ad.read_h5ad(file)
+    try:
+        adata = ad.read_h5ad(file)
+    except Exception as err:  # h5py / anndata raise OSError, KeyError, ... on bad files
+        raise ValueError(
+            f"read_folder: {str(file)!r} cannot be read as an AnnData ({type(err).__name__}: "
+            f"{err}): the file is corrupted, cut short or not an .h5ad"
+        ) from err
     missing = []
     for lib, entry in (adata.uns.get("spatial", {}) or {}).items():
         if "image_file" not in entry:
@@ -74,7 +80,13 @@ def read_folder(
             from PIL import Image
 
             Image.MAX_IMAGE_PIXELS = None
-            with Image.open(img) as im:
+            try:
+                im = Image.open(img)
+                im.load()
+            except Exception as err:  # PIL raises several kinds on corrupted files
+                missing.append(f"{lib} ({img}: unreadable, {type(err).__name__}: {err})")
+                continue
+            with im:
                 im = im.convert("RGB")
                 sf = entry.setdefault("scalefactors", {})
                 scalef = float(sf.get("tissue_hires_scalef", 1.0))
@@ -87,7 +99,7 @@ def read_folder(
                 sf["tissue_hires_scalef"] = scalef
     if missing:
         warnings.warn(
-            "read_folder: image files not found for "
+            "read_folder: image files not found or unreadable for "
             + ", ".join(missing)
             + "; these samples will have no morphology",
             UserWarning,

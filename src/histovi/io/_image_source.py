@@ -22,7 +22,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArraySource", "DaskSource", "FileSource", "to_uint8_rgb"]
+__all__ = ["ArraySource", "DaskSource", "FileSource", "ImageReadError", "to_uint8_rgb"]
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read or decoded (corrupted, truncated, not an image)."""
+
+    def __init__(self, path: str, err: BaseException):
+        super().__init__(
+            f"image file {path!r} cannot be read ({type(err).__name__}: {err}): it is "
+            "corrupted, cut short or not an image; replace it (or remove its entry to embed "
+            "the other samples)"
+        )
 
 
 def to_uint8_rgb(region: np.ndarray) -> np.ndarray:
@@ -103,24 +114,35 @@ class FileSource(_Source):
             raise FileNotFoundError(self.path)
         self.is_tiff = self.path.lower().endswith(_TIFF_SUFFIXES)
         self._handle: Any = None
+        try:
+            shapes = self._read_header()
+        except Exception as err:  # PIL / tifffile raise many kinds of errors on bad files
+            raise ImageReadError(self.path, err) from err
+        self.shapes = shapes
+        self.factors = [shapes[0][1] / s[1] for s in shapes]
+
+    def _read_header(self) -> list[tuple[int, int]]:
+        """Level shapes; a cut-short or corrupted file fails here rather than mid-embedding."""
         if self.is_tiff:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tf:
                 series = tf.series[0]
                 self._axes = series.axes
-                shapes = [self._yx(lv.shape, lv.axes) for lv in series.levels]
-        else:
-            from PIL import Image
+                return [self._yx(lv.shape, lv.axes) for lv in series.levels]
+        from PIL import Image
 
-            Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed PIL's bomb guard
-            with Image.open(self.path) as im:
-                w, h = im.size
-                fmt = im.format
-            scales = (1, 2, 4, 8) if fmt == "JPEG" else (1,)
-            shapes = [(-(-h // s), -(-w // s)) for s in scales]
-        self.shapes = shapes
-        self.factors = [shapes[0][1] / s[1] for s in shapes]
+        Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed PIL's bomb guard
+        with Image.open(self.path) as im:
+            w, h = im.size
+            fmt = im.format
+            if fmt == "JPEG":
+                im.draft("RGB", (max(w // 8, 1), max(h // 8, 1)))
+                im.load()  # a 1/8-scale decode finds a truncated file cheaply
+            else:
+                im.verify()  # checks the file's structure (PNG chunk checksums) without decoding
+        scales = (1, 2, 4, 8) if fmt == "JPEG" else (1,)
+        return [(-(-h // s), -(-w // s)) for s in scales]
 
     @staticmethod
     def _yx(shape: tuple[int, ...], axes: str) -> tuple[int, int]:
@@ -155,6 +177,14 @@ class FileSource(_Source):
         return self._handle[1]
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        try:
+            return self._read(y0, y1, x0, x1)
+        except ImageReadError:
+            raise
+        except Exception as err:  # decoding errors of PIL / tifffile / zarr
+            raise ImageReadError(self.path, err) from err
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         arr = self._open()
         if not self.is_tiff:
             return arr[y0:y1, x0:x1]

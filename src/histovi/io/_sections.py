@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._image_source import ArraySource, DaskSource, FileSource, _Source
+from ._image_source import ArraySource, DaskSource, FileSource, ImageReadError, _Source
 
 #: scalefactor key for each image key of the scanpy layout
 _SCALEF_KEYS = {"hires": "tissue_hires_scalef", "lowres": "tissue_lowres_scalef", "fullres": None}
@@ -147,7 +147,11 @@ def anndata_sections(
             if not path.exists():
                 sec.missing = f"image file {str(path)!r} not found (pass image_dir=)"
                 continue
-            src = FileSource(path)
+            try:
+                src = FileSource(path)
+            except ImageReadError as err:
+                sec.missing = str(err)
+                continue
             src.scalef = float(sf.get("tissue_hires_scalef", 1.0))
             src.label = str(path)
             sec.sources.append(src)
@@ -193,6 +197,11 @@ def spatialdata_sections(
     from spatialdata import get_centroids
     from spatialdata.transformations import get_transformation
 
+    if not hasattr(sdata, "tables") or not hasattr(sdata, "images"):
+        raise TypeError(
+            f"expected a SpatialData object, got {type(sdata).__name__}: read the store with "
+            "spatialdata.read_zarr(path) (an AnnData needs no conversion)"
+        )
     if table_key not in sdata.tables:
         raise KeyError(
             f"SpatialData has no table {table_key!r} (tables: {list(sdata.tables)}): pass table_key="
@@ -207,7 +216,22 @@ def spatialdata_sections(
     region_key, instance_key = attrs["region_key"], attrs["instance_key"]
     regions = attrs["region"]
     regions = [regions] if isinstance(regions, str) else list(regions)
+    for role, key in (("region_key", region_key), ("instance_key", instance_key)):
+        if key not in table.obs:
+            raise KeyError(
+                f"table {table_key!r} names obs[{key!r}] as its {role} (uns['spatialdata_attrs']) "
+                f"but has no such column (columns: {list(table.obs.columns)}): parse the table "
+                "again with spatialdata.models.TableModel.parse(..., region_key=, instance_key=)"
+            )
     region_of_row = table.obs[region_key].astype(str).to_numpy()
+    unknown = ~np.isin(region_of_row, regions)
+    if unknown.any():
+        raise ValueError(
+            f"{int(unknown.sum())} rows of table {table_key!r} have obs[{region_key!r}] values "
+            f"{sorted(set(region_of_row[unknown]))[:5]} that are not among the regions the table "
+            f"annotates ({regions}): fix obs[{region_key!r}], or list those elements in the "
+            "table's region (TableModel.parse(..., region=[...]))"
+        )
     spatial_uns = table.uns.get("spatial", {}) or {}
     sections = []
     for region in regions:
@@ -249,12 +273,15 @@ def spatialdata_sections(
         cent = get_centroids(element, coordinate_system=cs)
         cent = cent.compute() if hasattr(cent, "compute") else cent
         ids = table.obs[instance_key].iloc[rows].to_numpy()
-        try:
-            centres = cent.loc[ids, ["x", "y"]].to_numpy(dtype=float)
-        except KeyError as err:
+        absent = ~pd.Index(ids).isin(cent.index)
+        if absent.any():
             raise KeyError(
-                f"table rows of region {region!r} name instances missing from that element: {err}"
-            ) from err
+                f"{int(absent.sum())} table rows of region {region!r} name instances "
+                f"(obs[{instance_key!r}], e.g. {list(ids[absent][:3])}) that element "
+                f"{region!r} does not have (its index runs {cent.index.min()}..{cent.index.max()}): "
+                "the table and the element do not match; fix obs[" + repr(instance_key) + "]"
+            )
+        centres = cent.loc[ids, ["x", "y"]].to_numpy(dtype=float)
         sec = Section(str(name), rows, centres)
         sec.info.update(region=region, coordinate_system=cs)
         sections.append(sec)

@@ -392,11 +392,14 @@ def embed_morphology(
         )
     present = [s for s in sections if not s.missing]
     if not present:
+        why = "; ".join(f"{s.name!r}: {s.missing}" for s in missing[:3])
         raise ValueError(
             "no section has a usable image: add uns['spatial'][lib]['images'] or 'image_file' "
             "(with image_dir=), or SpatialData images sharing a coordinate system with the spots"
+            + (f" ({why}{'; ...' if len(missing) > 3 else ''})" if why else "")
         )
     plans = [_plan(sec, target_mpp, tile_size_um) for sec in present]
+    _check_geometry(plans, spatial_key)
 
     # ---------------- stain normalisation ---------------------------------------------------
     norm_rec: dict[str, Any] = {}
@@ -510,6 +513,14 @@ def embed_morphology(
     adata.uns[UNS_KEY][RECORD_KEY] = _plain(record)
     n_valid = int(valid.sum())
     logger.info("embedded %d / %d spots with %s", n_valid, adata.n_obs, enc.name)
+    if n_valid == 0:
+        warnings.warn(
+            f"no spot got a usable tile: every row of obsm[{key_added!r}] is NaN. Check the "
+            "images and their scale factors, or lower min_tissue_fraction "
+            f"(now {min_tissue_fraction}).",
+            UserWarning,
+            stacklevel=2,
+        )
     return adata if copy else None
 
 
@@ -520,6 +531,44 @@ def _encoder_from_record(rec: Mapping[str, Any]) -> Any:
         f"the reference was embedded with a user module ({rec.get('encoder')!r}): pass the same "
         "module as encoder= (its weights are checked against the reference's sha256)"
     )
+
+
+#: A section whose spot centres span less than this share of its image's side is suspicious.
+_MIN_IMAGE_SPAN = 0.05
+
+
+def _check_geometry(plans: list[dict[str, Any]], spatial_key: str) -> None:
+    """Warn when a section's spots do not lie on its image: most centres outside it, or all of
+    them within a sliver of it (a wrong scale factor, or coordinates in another unit)."""
+    for p in plans:
+        sec, src = p["section"], p["source"]
+        h, w = src.shape
+        c = p["centres_px"][np.isfinite(p["centres_px"]).all(1)]
+        if not len(c):
+            continue
+        outside = float(((c[:, 0] < 0) | (c[:, 0] >= w) | (c[:, 1] < 0) | (c[:, 1] >= h)).mean())
+        where = (
+            f"spot centres span x {c[:, 0].min():.0f}..{c[:, 0].max():.0f}, y "
+            f"{c[:, 1].min():.0f}..{c[:, 1].max():.0f} on its {w} x {h} px image"
+        )
+        fix = (
+            f"check its scale factor (uns['spatial'][{sec.name!r}]['scalefactors'], "
+            f"tissue_hires_scalef) and that obsm[{spatial_key!r}] holds full-resolution pixels"
+        )
+        if outside > 0.5:
+            warnings.warn(
+                f"{outside:.0%} of the spots of sample {sec.name!r} lie outside its image "
+                f"({where}): {fix}; spots off the image get NaN rows.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif len(c) > 1 and np.ptp(c, axis=0).max() < _MIN_IMAGE_SPAN * max(h, w):
+            warnings.warn(
+                f"the spots of sample {sec.name!r} cover a patch under {_MIN_IMAGE_SPAN:.0%} of "
+                f"its image's side ({where}): {fix}.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _plan(sec: Section, target_mpp: float, tile_size_um: float) -> dict[str, Any]:
