@@ -29,6 +29,7 @@ from .._constants import UNS_KEY
 from .._validation import (
     check_counts,
     check_finite_or_nan_rows,
+    check_indices,
     check_neighbors,
     get_counts,
     require_obs,
@@ -38,6 +39,14 @@ from ..data._anchors import AnchorCallback
 from ..data._context import NeighborContext, NeighborContextCallback, context_bank
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
+from ._checks import (
+    check_categorical_covariates,
+    check_inference_adata,
+    check_key_lists,
+    check_mudata_inputs,
+    check_query_genes,
+    query_neighbors_context,
+)
 from ._saving import (
     VERSIONS_ATTR,
     atomic_save,
@@ -426,6 +435,16 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 )
         rna = mdata.mod[modalities["rna_layer"]]
         check_counts(rna, rna_layer)
+        check_key_lists(categorical_covariate_keys, continuous_covariate_keys)
+        check_mudata_inputs(
+            mdata,
+            modalities,
+            batch_key,
+            labels_key,
+            neighbors_key,
+            categorical_covariate_keys,
+            continuous_covariate_keys,
+        )
         morph_mod = modalities.get("morphology_layer")
         if morph_mod is not None:
             morph = mdata.mod[morph_mod]
@@ -506,6 +525,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         cls.register_manager(adata_manager)
 
     def _validate_anndata(self, adata=None, copy_if_view=True):
+        check_inference_adata(self, adata if adata is not None else self.adata)
         if adata is not None and isinstance(adata, AnnData) and adata is not self.adata:
             setup = self.adata_manager.registry["setup_args"]
             check_counts(adata, setup.get("layer"))
@@ -649,6 +669,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         as well (the spots within ``spatial_hops`` steps of ``indices``), so a spot gets the same
         latent whether it is embedded alone or with the whole data set.
         """
+        check_indices(indices, (adata if adata is not None else self.adata).n_obs)
         return super().get_latent_representation(
             adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
         )
@@ -736,13 +757,14 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                 from ..pp import spatial_neighbors
 
                 nrec = record.get("spatial_neighbors_record") or {}
-                spatial_neighbors(
-                    query,
-                    sample_key=nrec.get("sample_key", record.get("batch_key")),
-                    n_neighbors=int(record["n_neighbors"]),
-                    spatial_key=nrec.get("spatial_key", "spatial"),
-                    key_added=nkey,
-                )
+                with query_neighbors_context(int(record["n_neighbors"])):
+                    spatial_neighbors(
+                        query,
+                        sample_key=nrec.get("sample_key", record.get("batch_key")),
+                        n_neighbors=int(record["n_neighbors"]),
+                        spatial_key=nrec.get("spatial_key", "spatial"),
+                        key_added=nkey,
+                    )
             elif (
                 nkey in query.obsm
                 and np.asarray(query.obsm[nkey]).shape[1] != record["n_neighbors"]
@@ -766,6 +788,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             reference_model = str(reference_model)
         ref = _ReferenceInfo(reference_model)
         record = ref.record
+        check_query_genes(adata, ref.var_names)
         for name, key in record["views"].items():
             if key not in adata.obsm:
                 raise KeyError(
@@ -994,7 +1017,9 @@ def _check_setup_inputs(
 ):
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no spots.")
+    check_key_lists(categorical_covariate_keys, continuous_covariate_keys, embedding_keys)
     check_counts(adata, layer)
+    check_categorical_covariates(adata, categorical_covariate_keys)
     for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
         if key is not None:
             require_obs(adata, key, f"Pass {what}= naming an existing column, or None.")

@@ -20,9 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from ._training import fsync_dir
 
 MODEL_FILE = "model.pt"
@@ -185,29 +182,18 @@ def _few(items: list[str], n: int = 4) -> str:
 
 def check_load_adata(adata: Any, saved: dict, path) -> None:
     """The genes of ``adata`` must be the model's, in the same order (scvi-tools only warns)."""
+    from .._validation import check_var_names
+
     if adata is None or adata is False:
         return
     var_names = saved.get("var_names")
-    if var_names is None or isinstance(var_names, dict):
-        return
-    if hasattr(adata, "mod"):  # MuData: checked per modality by scvi-tools
-        return
-    model_genes = pd.Index(np.asarray(var_names).astype(str))
-    genes = pd.Index(np.asarray(adata.var_names).astype(str))
-    if genes.equals(model_genes):
-        return
-    missing = model_genes.difference(genes)
-    extra = genes.difference(model_genes)
-    if len(missing) or len(extra):
-        raise ValueError(
-            f"adata's genes differ from the model's in {path}: {len(missing)} of the model's "
-            f"{len(model_genes)} genes are missing{f' (e.g. {_few(list(missing), 3)})' if len(missing) else ''}"
-            f" and {len(extra)} are extra{f' (e.g. {_few(list(extra), 3)})' if len(extra) else ''}. "
-            "Subset adata to the model's genes (adata[:, genes]), or map it as a query with "
-            "HistoVI.prepare_query_anndata(adata, model_dir)."
-        )
-    raise ValueError(
-        f"adata has the model's genes in another order than the model in {path}: reorder them, "
-        "adata = adata[:, model_genes] with model_genes the saved var_names "
-        "(HistoVI.prepare_query_anndata does it for you)."
+    if var_names is None or isinstance(var_names, dict) or hasattr(adata, "mod"):
+        return  # MuData: checked per modality by scvi-tools
+    check_var_names(
+        adata,
+        var_names,
+        "the model's",
+        f"(model saved in {path}) Subset and order adata like the model "
+        "(adata[:, model_genes]), or map it as a query with "
+        "HistoVI.prepare_query_anndata(adata, model_dir), which does both.",
     )

@@ -305,8 +305,9 @@ class DivergenceCallback(Callback):
 def check_train_args(model, max_epochs, batch_size) -> None:
     """Arguments of :meth:`HistoVI.train` checked before any work, and the registered data
     checked again (it may have been changed in place since ``setup_anndata``)."""
-    from .._validation import check_neighbors
+    from .._validation import check_counts, check_neighbors
     from ..module._module import NEIGHBORS_REGISTRY_KEY
+    from ._checks import check_trainable
 
     if max_epochs is not None and (
         isinstance(max_epochs, bool)
@@ -323,7 +324,10 @@ def check_train_args(model, max_epochs, batch_size) -> None:
         or batch_size < 1
     ):
         raise ValueError(f"batch_size={batch_size!r}: pass a positive whole number of spots.")
+    check_trainable(model)
     manager = model.adata_manager
+    if not hasattr(manager.adata, "mod"):
+        check_counts(manager.adata, manager.registry["setup_args"].get("layer"))
     if NEIGHBORS_REGISTRY_KEY in manager.data_registry:
         field = manager.data_registry[NEIGHBORS_REGISTRY_KEY]
         adata = manager.adata
@@ -346,6 +350,9 @@ def _view_of_parameter(name: str) -> str:
     return "expression"
 
 
+#: minibatch keys -> the view they feed
+_INPUT_NAMES = {"X": "expression", "niche_counts": "niche", "neighbor_latent": "spatial prior"}
+
 DIVERGENCE_FIX = (
     "The model keeps the weights from before this step (save or inspect it now). Check that "
     "view's input for extreme values (adata.obsm / raw counts), or train again with a lower "
@@ -363,7 +370,29 @@ class HistoTrainingPlan(TrainingPlan):
         return out
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
+        try:
+            loss = super().training_step(batch, batch_idx)
+        except ValueError as err:
+            # torch.distributions refuse NaN parameters: NaN inputs, or weights already NaN
+            if "invalid values" not in str(err):
+                raise
+            from ._checks import nonfinite_inputs
+
+            bad = nonfinite_inputs(batch)
+            names = [_INPUT_NAMES.get(k, k.removeprefix("view_")) for k in bad]
+            what = (
+                f"the input of {', '.join(repr(n) for n in names)} holds NaN or inf values "
+                "(changed since setup_anndata?)"
+                if names
+                else "the model produced NaN or inf values"
+            )
+            raise TrainingDivergedError(
+                f"Training diverged at epoch {self.current_epoch}, minibatch {batch_idx}: "
+                f"{what}. {DIVERGENCE_FIX}",
+                views=names,
+                epoch=self.current_epoch,
+                step=self.global_step,
+            ) from err
         value = loss["loss"] if isinstance(loss, dict) else loss
         if not bool(torch.isfinite(value).all()):
             bad = self._diverged_terms()

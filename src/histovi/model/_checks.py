@@ -1,0 +1,169 @@
+"""Checks of HistoVI's entry points that need the model (its genes, views, neighbours): each
+problem is one error naming the key and the fix, before scvi-tools or torch fail deep inside."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import pandas as pd
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+
+from .._validation import check_counts, check_neighbors, check_var_names, require_obs
+
+QUERY_FIX = (
+    "Map it as a query: HistoVI.prepare_query_anndata(adata, model) orders the genes like the "
+    "model, fills missing genes with zeros and missing views with NaN, and computes the "
+    "neighbours."
+)
+
+
+def model_genes(model) -> pd.Index:
+    return pd.Index(model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names)
+
+
+def check_key_lists(
+    categorical_covariate_keys, continuous_covariate_keys, embedding_keys=None
+) -> None:
+    """Keys given as one string instead of a list, or views not as a name -> key mapping."""
+    for name, keys in (
+        ("categorical_covariate_keys", categorical_covariate_keys),
+        ("continuous_covariate_keys", continuous_covariate_keys),
+    ):
+        if isinstance(keys, str):
+            raise TypeError(f"{name}={keys!r}: pass a list of obs columns, e.g. {name}=[{keys!r}].")
+    if embedding_keys is not None and not isinstance(embedding_keys, dict):
+        raise TypeError(
+            f"embedding_keys={embedding_keys!r}: pass a mapping view name -> obsm key, e.g. "
+            "embedding_keys={'scgpt': 'X_scgpt'}."
+        )
+
+
+def check_categorical_covariates(adata: AnnData, keys: Iterable[str] | None) -> None:
+    for key in keys or []:
+        require_obs(adata, key, "Remove it from the covariate keys or add the column.")
+        if adata.obs[key].isna().any():
+            n = int(adata.obs[key].isna().sum())
+            raise ValueError(
+                f"adata.obs['{key}'] has {n} missing values: every spot needs a value of each "
+                "categorical covariate (fill them, e.g. with 'unknown')."
+            )
+
+
+def check_inference_adata(model, adata) -> None:
+    """An AnnData given to an output method (latent, expression, ...) must be laid out like the
+    model's: same genes in the same order, the views and neighbours it uses, valid values."""
+    if adata is None or not isinstance(adata, AnnData):
+        return
+    setup = model.adata_manager.registry["setup_args"]
+    other = adata is not model.adata
+    if other:
+        check_var_names(adata, model_genes(model), "the model's", QUERY_FIX)
+        check_counts(adata, setup.get("layer"))
+        for name, key in model.histovi_setup_["views"].items():
+            if key not in adata.obsm:
+                raise KeyError(
+                    f"adata.obsm['{key}'] (the model's '{name}' view) not found. {QUERY_FIX}"
+                )
+    nkey = setup.get("neighbors_key")
+    if nkey is not None:
+        if other and nkey not in adata.obsm:
+            k = model.histovi_setup_.get("n_neighbors")
+            raise KeyError(
+                f"adata.obsm['{nkey}'] (the model's spatial neighbours) not found: compute it "
+                f"with histovi.pp.spatial_neighbors(adata, n_neighbors={k}, key_added='{nkey}'). "
+                + QUERY_FIX
+            )
+        check_neighbors(adata, nkey, setup.get("batch_key"), check_digest=other)
+
+
+def check_query_genes(adata: AnnData, reference_genes) -> None:
+    check_var_names(
+        adata,
+        reference_genes,
+        "the reference's",
+        "Run HistoVI.prepare_query_anndata(query, reference_model) first: it orders the genes "
+        "like the reference and fills missing ones with zeros.",
+    )
+
+
+@contextlib.contextmanager
+def query_neighbors_context(k: int):
+    """Say that the neighbours of a query are computed with the reference's k."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(
+            f"The query's spatial neighbours are computed with the reference's n_neighbors={k}, "
+            f"which failed: {err} The reference model needs {k} neighbours per spot, so drop "
+            f"query samples with at most {k} spots."
+        ) from err
+
+
+def check_mudata_inputs(
+    mdata,
+    modalities: dict,
+    batch_key,
+    labels_key,
+    neighbors_key,
+    categorical_covariate_keys,
+    continuous_covariate_keys,
+) -> None:
+    """The keys of ``setup_mudata`` must exist in the modality that holds them."""
+    default = modalities["rna_layer"]
+
+    def mod(arg):
+        return mdata.mod[modalities.get(arg) or default]
+
+    for arg, key in (("batch_key", batch_key), ("labels_key", labels_key)):
+        if key is not None:
+            require_obs(
+                mod(arg),
+                key,
+                f"It is looked up in modality '{modalities.get(arg) or default}': pass {arg}= "
+                f"naming an existing column, or its modality in modalities={{'{arg}': ...}}.",
+            )
+    if batch_key is not None and mod("batch_key").obs[batch_key].isna().any():
+        raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    check_categorical_covariates(mod("categorical_covariate_keys"), categorical_covariate_keys)
+    for key in continuous_covariate_keys or []:
+        require_obs(mod("continuous_covariate_keys"), key, "Remove it or add the column.")
+    if neighbors_key is not None:
+        nmod = mod("neighbors_key")
+        same = (modalities.get("batch_key") or default) == (
+            modalities.get("neighbors_key") or default
+        )
+        check_neighbors(nmod, neighbors_key, batch_key if same else None)
+
+
+def check_trainable(model) -> None:
+    """A query model whose samples and covariates all exist in the reference has nothing to
+    train (every reference weight is frozen)."""
+    if not getattr(model, "is_query_", False):
+        return
+    if not any(p.requires_grad for p in model.module.parameters()):
+        raise ValueError(
+            "This query model has nothing to train: all its samples and covariate values are "
+            "the reference's, whose weights are frozen. Embed it with the reference model "
+            "directly (reference_model.get_latent_representation(query)), or give the query its "
+            "own sample names."
+        )
+
+
+def nonfinite_inputs(batch: dict) -> list[str]:
+    """Registry keys of a minibatch holding NaN or inf where they must not (views may hold NaN
+    rows: missing)."""
+    import torch
+
+    bad = []
+    for key, value in batch.items():
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        if key.startswith("view_"):
+            finite = ~torch.isinf(value).any()
+        else:
+            finite = torch.isfinite(value).all()
+        if not bool(finite):
+            bad.append(key)
+    return bad
