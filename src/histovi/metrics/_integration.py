@@ -86,6 +86,15 @@ def integration_scores(
             f"the labelled spots come from a single batch of adata.obs['{batch_key}']: batch "
             "mixing needs labelled spots in at least two batches; pass another `batch_key`."
         )
+    if (
+        isinstance(n_neighbors, bool)
+        or not isinstance(n_neighbors, int | np.integer)
+        or n_neighbors < 3
+    ):
+        raise ValueError(
+            f"`n_neighbors`={n_neighbors!r} must be a whole number >= 3 (the kNN graph includes "
+            "each spot itself; scib-metrics' default is 90)."
+        )
     k = int(min(n_neighbors, n - 1))
     if k < 2:
         raise ValueError(f"only {n} labelled spots: need at least 3 to build a kNN graph.")

@@ -58,6 +58,19 @@ def cluster_embedding(
     """
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
+    if n_clusters is not None and (
+        isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer)
+    ):
+        raise ValueError(
+            f"`n_domains`/`n_clusters`={n_clusters!r} must be a whole number of domains "
+            f"(e.g. {int(n_clusters) if isinstance(n_clusters, float) else 5})."
+            if isinstance(n_clusters, int | float | np.floating)
+            else f"`n_domains`/`n_clusters`={n_clusters!r} must be a whole number of domains."
+        )
+    if n < 2:
+        raise ValueError(
+            f"clustering needs at least 2 spots, got {n}: pass the AnnData of all spots."
+        )
     if method in ("gmm", "kmeans"):
         if n_clusters is None:
             raise ValueError(
