@@ -343,7 +343,12 @@ def load_input(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             adata = io.read_folder(path)
             kind = "folder (.h5ad + images)"
         elif path.suffix == ".h5ad":
-            adata = ad.read_h5ad(path)
+            try:
+                adata = ad.read_h5ad(path)
+            except OSError as err:  # h5py: not an HDF5 file, truncated, ...
+                raise ValueError(
+                    f"{err} (the file is corrupted, cut short or not an .h5ad)"
+                ) from err
             kind = ".h5ad file"
         else:
             raise InputError(
@@ -662,8 +667,8 @@ def _remove_outputs(out: Path) -> None:
     (out / STATUS_FILE).unlink(missing_ok=True)
 
 
-def prepare_out(out: Path, args: argparse.Namespace) -> str:
-    """Check ``--out`` and mark the run as running; return 'new', 'resume' or 'overwrite'.
+def check_out(out: Path, args: argparse.Namespace) -> str:
+    """Check ``--out`` before any work; return 'new', 'resume' or 'overwrite'.
 
     A folder with a finished run (or with outputs and no status) is refused unless
     ``--overwrite``; one with an unfinished run of the same options is finished; one with an
@@ -680,10 +685,8 @@ def prepare_out(out: Path, args: argparse.Namespace) -> str:
             status = {"status": "unreadable"}
     existing = [n for n in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / n).exists()]
     if args.overwrite:
-        mode = "overwrite" if existing or status else "new"
-        if out.is_dir():
-            _remove_outputs(out)
-    elif status is not None and status.get("status") == "running":
+        return "overwrite" if existing or status else "new"
+    if status is not None and status.get("status") == "running":
         before = status.get("options") or {}
         differ = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
         if differ:
@@ -696,21 +699,26 @@ def prepare_out(out: Path, args: argparse.Namespace) -> str:
                 "the same command again to finish it, pass --overwrite to start over, or "
                 "choose another --out"
             )
-        mode = "resume"
-    elif status is not None or existing:
+        return "resume"
+    if status is not None or existing:
         what = ", ".join(existing) or STATUS_FILE
         raise InputError(
             f"--out {str(out)!r} already holds the outputs of a previous run ({what}): pass "
             "--overwrite to replace them, or choose another --out"
         )
-    else:
-        mode = "new"
+    return "new"
+
+
+def start_out(out: Path, args: argparse.Namespace, mode: str) -> None:
+    """Once the input is valid: remove a previous run's outputs (``--overwrite``) and mark the
+    run as running."""
     try:
+        if mode == "overwrite":
+            _remove_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_status(out, "running", options)
+        _write_status(out, "running", run_options(args))
     except OSError as err:
         raise InputError(f"cannot write into --out {str(out)!r}: {err.strerror or err}") from err
-    return mode
 
 
 # ------------------------------------------------------------------------------- the command
@@ -736,7 +744,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     prog = _Progress(len(steps), args.quiet)
     out = Path(args.out).expanduser()
-    mode = prepare_out(out, args)
+    mode = check_out(out, args)
     if mode == "resume":
         prog.say(f"finishing the unfinished run in {out} (training resumes from its checkpoint)")
     settings: dict[str, Any] = {}
@@ -746,6 +754,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with prog.step(steps[0]):
             adata, source = load_input(args)
             adata, layer, label_key = check_input(adata, args)
+            # only now, with a valid input, are a previous run's outputs replaced
+            start_out(out, args, mode)
             settings.update(source)
             prog.say(
                 f"  {adata.n_obs} spots, {adata.n_vars} genes, "
