@@ -167,3 +167,28 @@ def nonfinite_inputs(batch: dict) -> list[str]:
         if not bool(finite):
             bad.append(key)
     return bad
+
+
+def nonfinite_registered_inputs(model) -> list[str]:
+    """Views (expression, morphology, ...) whose registered data hold NaN or inf values where
+    they must not (embedding views may have NaN rows: missing)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from ..module._module import view_registry_key
+
+    manager = model.adata_manager
+    bad = []
+    for name, key in [("expression", REGISTRY_KEYS.X_KEY)] + [
+        (v, view_registry_key(v)) for v in model.module.view_names
+    ]:
+        if key not in manager.data_registry:
+            continue
+        values = manager.get_from_registry(key)
+        values = values.data if sp.issparse(values) else np.asarray(values)
+        if values.dtype.kind not in "fc":
+            continue
+        finite = ~np.isinf(values).any() if key.startswith("view_") else np.isfinite(values).all()
+        if not finite:
+            bad.append(name)
+    return bad

@@ -56,7 +56,7 @@ from ._saving import (
     version_note,
     warn_if_other_version,
 )
-from ._training import HistoTrainingPlan, prepare_training
+from ._training import HistoTrainingPlan, HistoTrainRunner, prepare_training
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
     _data_splitter_cls = NeighborhoodDataSplitter
     # stops on a NaN / inf loss before the optimizer step, naming the view (model/_training.py)
     _training_plan_cls = HistoTrainingPlan
+    _train_runner_cls = HistoTrainRunner
     # Inference loads the neighbours too (the niche encoder expert needs their counts).
     _data_loader_cls = NeighborhoodDataLoader
 

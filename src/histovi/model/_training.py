@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from scvi.train import TrainingPlan
+from scvi.train import TrainingPlan, TrainRunner
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +358,34 @@ DIVERGENCE_FIX = (
     "view's input for extreme values (adata.obsm / raw counts), or train again with a lower "
     "learning rate (plan_kwargs={'lr': 1e-4}) or a larger batch_size."
 )
+
+
+class HistoTrainRunner(TrainRunner):
+    """scvi-tools' runner; NaN reaching a torch distribution outside a training step (in the
+    epoch-start refresh of the spatial prior's bank) stops with the input that holds it."""
+
+    def __call__(self):
+        try:
+            return super().__call__()
+        except ValueError as err:
+            if "invalid values" not in str(err):
+                raise
+            from ._checks import nonfinite_registered_inputs
+
+            bad = nonfinite_registered_inputs(self.model)
+            what = (
+                f"the input of {', '.join(repr(n) for n in bad)} holds NaN or inf values "
+                "(changed since setup_anndata?)"
+                if bad
+                else "the model produced NaN or inf values"
+            )
+            trainer = self.trainer
+            raise TrainingDivergedError(
+                f"Training diverged at epoch {trainer.current_epoch}: {what}. {DIVERGENCE_FIX}",
+                views=bad,
+                epoch=trainer.current_epoch,
+                step=trainer.global_step,
+            ) from err
 
 
 class HistoTrainingPlan(TrainingPlan):
