@@ -43,3 +43,27 @@ def small_adata():
     adata = histovi.datasets.simulate(**TINY_STUDY, seed=1)
     histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=6)
     return adata
+
+
+# ---------------------------------------------------------------- reliability suite (tests/_tiny.py)
+@pytest.fixture(scope="session")
+def _tiny_study():
+    from _tiny import tiny_study
+
+    return tiny_study()
+
+
+@pytest.fixture
+def tiny_adata(_tiny_study):
+    """A fresh copy of the tiny study of tests/_tiny.py (128 spots, 30 genes, neighbours)."""
+    return _tiny_study.copy()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(_tiny_study):
+    """A HistoVI trained 2 epochs on its own copy of the tiny study; do not modify it."""
+    from _tiny import TRAIN, tiny_model
+
+    model = tiny_model(_tiny_study.copy())
+    model.train(max_epochs=2, **TRAIN)
+    return model
