@@ -463,7 +463,8 @@ class HistoTrainingPlan(TrainingPlan):
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [(n, p) for n, p in self.module.named_parameters() if p.grad is not None]
         if params:
-            norms = torch.stack([p.grad.detach().float().norm() for _, p in params])
+            # one fused kernel per device and a single host sync per step
+            norms = torch.stack(torch._foreach_norm([p.grad.detach() for _, p in params]))
             if not bool(torch.isfinite(norms).all()):
                 bad = [
                     n for (n, _), ok in zip(params, torch.isfinite(norms), strict=True) if not ok
