@@ -64,14 +64,33 @@ def test_killed_training_resumes_to_the_uninterrupted_latent(tmp_path, tiny_adat
     assert saved["epoch"] == 1  # the end of the last complete epoch before the kill
 
     resumed = tiny_model(tiny_adata.copy())
-    resumed.train(max_epochs=4, checkpoint_dir=ckpt, **TRAIN)
-    assert list(resumed.history["elbo_train"].index) == [2, 3]  # only the missing epochs ran
+    epochs_run = []
+    resumed.train(max_epochs=4, checkpoint_dir=ckpt, callbacks=[_epoch_log(epochs_run)], **TRAIN)
+    assert epochs_run == [2, 3]  # only the missing epochs ran
     uninterrupted = tiny_model(tiny_adata.copy())
     uninterrupted.train(max_epochs=4, **TRAIN)
     np.testing.assert_array_equal(
         resumed.get_latent_representation(), uninterrupted.get_latent_representation()
     )
     assert _same_state(_state(resumed), _state(uninterrupted))
+    _assert_same_history(resumed.history, uninterrupted.history)  # nothing of it lost
+
+
+def _assert_same_history(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert list(a[key].index) == list(b[key].index), key
+        np.testing.assert_array_equal(a[key].to_numpy(float), b[key].to_numpy(float), key)
+
+
+def _epoch_log(epochs: list):
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochLog(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            epochs.append(trainer.current_epoch)
+
+    return EpochLog()
 
 
 class _Crash(Exception):
@@ -89,28 +108,59 @@ def _crash_at(epoch: int, batch: int = 1):
     return Crash()
 
 
+#: early stopping that stops this tiny study after 2 of 12 epochs
+STOPS_EARLY = {
+    "early_stopping": True,
+    "early_stopping_patience": 1,
+    "early_stopping_min_delta": 2.0,
+    "check_val_every_n_epoch": 1,
+}
+
+
 @pytest.mark.parametrize(
-    ("model_kwargs", "train_kwargs"),
+    ("model_kwargs", "train_kwargs", "crash_epoch"),
     [
-        ({"cycle_weight": 1.0, "alignment_weight": 1.0, "anchor_weight": 1.0}, {}),
-        ({"spatial_hops": 2}, {"early_stopping": True, "check_val_every_n_epoch": 1}),
+        ({"cycle_weight": 1.0, "alignment_weight": 1.0, "anchor_weight": 1.0}, {}, 2),
+        ({"spatial_hops": 2}, {"check_val_every_n_epoch": 1, "train_size": 0.8}, 2),
+        ({}, STOPS_EARLY, 1),
     ],
-    ids=["alignment-terms", "two-hops-validation"],
+    ids=["alignment-terms", "two-hops-validation", "early-stopping"],
 )
-def test_resume_reproduces_every_option(tmp_path, tiny_adata, model_kwargs, train_kwargs):
+def test_resume_reproduces_every_option(
+    tmp_path, tiny_adata, model_kwargs, train_kwargs, crash_epoch
+):
     """Callbacks that keep state between epochs (spatial prior bank and precision, anchors,
     early stopping) and random draws (cycle, dropout) all resume exactly."""
-    kw = {**TRAIN, **train_kwargs}
+    kw, epochs = {**TRAIN, **train_kwargs}, 12 if train_kwargs is STOPS_EARLY else 4
     crashed = tiny_model(tiny_adata.copy(), **model_kwargs)
     with pytest.raises(_Crash):
-        crashed.train(max_epochs=4, checkpoint_dir=tmp_path, callbacks=[_crash_at(2)], **kw)
+        crashed.train(
+            max_epochs=epochs, checkpoint_dir=tmp_path, callbacks=[_crash_at(crash_epoch)], **kw
+        )
     resumed = tiny_model(tiny_adata.copy(), **model_kwargs)
-    resumed.train(max_epochs=4, checkpoint_dir=tmp_path, **kw)
+    resumed.train(max_epochs=epochs, checkpoint_dir=tmp_path, **kw)
     plain = tiny_model(tiny_adata.copy(), **model_kwargs)
-    plain.train(max_epochs=4, **kw)
+    plain.train(max_epochs=epochs, **kw)
     np.testing.assert_array_equal(
         resumed.get_latent_representation(), plain.get_latent_representation()
     )
+    _assert_same_history(resumed.history, plain.history)
+
+
+@pytest.mark.parametrize("train_kwargs", [{}, STOPS_EARLY], ids=["max-epochs", "early-stopping"])
+def test_resuming_a_finished_training_changes_nothing(tmp_path, tiny_adata, train_kwargs):
+    """Running the same training again with its checkpoint folder (a notebook run twice, a
+    pipeline finished after a later step crashed) gives the finished model, trains nothing."""
+    kw = {**TRAIN, **train_kwargs}
+    first = tiny_model(tiny_adata.copy())
+    first.train(max_epochs=4, checkpoint_dir=tmp_path, **kw)
+    again, epochs_run = tiny_model(tiny_adata.copy()), []
+    again.train(max_epochs=4, checkpoint_dir=tmp_path, callbacks=[_epoch_log(epochs_run)], **kw)
+    assert epochs_run == []
+    np.testing.assert_array_equal(
+        again.get_latent_representation(), first.get_latent_representation()
+    )
+    _assert_same_history(again.history, first.history)
 
 
 def test_checkpoint_of_another_model_or_data_is_refused(tmp_path, tiny_adata):
@@ -439,6 +489,17 @@ def test_cli_killed_run_is_finished_and_a_finished_run_never_overwritten(
     assert json.loads((out / "metrics.json").read_text())["summary"]["epochs"] == 3
     assert not (out / "checkpoints").exists()
     assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    # killed after training (while drawing figures): the same command finishes it without
+    # training again, from the finished checkpoint
+    late = tmp_path / "late"
+    monkeypatch.setattr(cli, "figures", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    assert cli.main(["run", "--out", str(late), *CLI_TINY]) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["run", "--out", str(late), *CLI_TINY]) == 0
+    np.testing.assert_array_equal(_latent(late), _latent(ref))
+    assert json.loads((late / "metrics.json").read_text())["summary"]["epochs"] == 3
+    assert (late / "training.png").exists()
     # a finished run is never overwritten without --overwrite
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert cli.main(["run", "--out", str(out), *CLI_TINY]) == 2

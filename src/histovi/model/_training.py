@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from scvi.train import TrainingPlan, TrainRunner
 
@@ -83,15 +83,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class ResumeStateCallback(Callback):
-    """Save ``last.ckpt`` at the end of every epoch, with the random state and a record of what
-    the checkpoint belongs to; restore the random state at the start of every epoch (in an
-    uninterrupted run too, so that a resumed run follows the same path)."""
+    """Carry the random state across epochs and through the checkpoint, so that a resumed run
+    follows the path of the uninterrupted one: captured at the end of every epoch, restored at
+    the start of the next one (in uninterrupted runs too). The checkpoint also records what it
+    belongs to (data, settings, seed) and the training history, so a resumed model's history
+    starts with the interrupted session's epochs."""
 
     def __init__(self, fingerprint: dict[str, Any], path: Path | None = None):
         self.fingerprint = fingerprint
         self.path = path
         self.rng: dict[str, Any] | None = None
         self._resumed = False
+        self.stopped_early = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.path is not None and not any(
+            isinstance(c, _CheckpointWriter) for c in trainer.callbacks
+        ):
+            trainer.callbacks.append(_CheckpointWriter(self))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.rng is not None:
@@ -105,8 +114,6 @@ class ResumeStateCallback(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.rng = rng_state()
-        if self.path is not None and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng}
@@ -116,7 +123,97 @@ class ResumeStateCallback(Callback):
         self._resumed = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = dict(self.fingerprint)
+        checkpoint[CHECKPOINT_KEY] = {
+            **self.fingerprint,
+            "history": _history_of(trainer),
+            "stopped_early": self.stopped_early,
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(CHECKPOINT_KEY) or {}
+        # the resumed model's history starts with the epochs of the interrupted session
+        _restore_history(trainer, record.get("history"))
+        if record.get("stopped_early"):
+            # that training had finished (early stopping): do not train on
+            logger.info(
+                f"{self.path} holds a training that stopped early at epoch "
+                f"{checkpoint.get('epoch')}: nothing left to train (pass another checkpoint_dir "
+                "to train again)."
+            )
+            trainer.fit_loop.max_epochs = int(checkpoint.get("epoch", trainer.max_epochs))
+
+
+class _CheckpointWriter(Checkpoint):
+    """Write ``last.ckpt`` at the end of every epoch and when training ends.
+
+    A Lightning ``Checkpoint``, so that it runs after every other callback (early stopping
+    included, and after the spatial prior's end-of-training refit): the checkpoint holds the
+    state an uninterrupted run continues from. It is added when fitting starts rather than
+    passed to the Trainer, where scvi-tools would add its own checkpointing (and validate
+    every epoch). Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` is not used: it
+    writes only when training ends, so a killed run would leave nothing to resume from."""
+
+    def __init__(self, owner: ResumeStateCallback):
+        self.owner = owner
+
+    @property
+    def state_key(self) -> str:
+        return f"histovi.{type(self).__name__}"
+
+    def _save(self, trainer) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.owner.path, weights_only=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        max_epochs = trainer.fit_loop.max_epochs
+        self.owner.stopped_early = bool(
+            trainer.should_stop and max_epochs is not None and trainer.current_epoch < max_epochs
+        )
+        self._save(trainer)
+
+
+def _history_of(trainer) -> dict[str, Any] | None:
+    """The training history (scvi-tools' SimpleLogger) as plain types, with the current
+    epoch's metrics that Lightning logs only after the epoch-end hooks."""
+    data = getattr(getattr(trainer.logger, "experiment", None), "data", None)
+    if not isinstance(data, dict):
+        return None
+    history = {
+        name: {
+            "index_name": frame.index.name,
+            "index": [int(i) if float(i).is_integer() else float(i) for i in frame.index],
+            "values": [float(v) for v in frame[name].to_numpy()],
+        }
+        for name, frame in data.items()
+    }
+    epoch = int(trainer.current_epoch)
+    try:  # the epoch-level metrics Lightning is about to log (private, hence guarded)
+        pending = dict(trainer._logger_connector.metrics["log"])
+    except Exception:  # noqa: BLE001
+        pending = {}
+    for name, value in pending.items():
+        if name in ("epoch", "step"):
+            continue
+        rec = history.setdefault(name, {"index_name": "epoch", "index": [], "values": []})
+        if rec["index_name"] == "epoch" and epoch not in rec["index"]:
+            rec["index"].append(epoch)
+            rec["values"].append(float(value))
+    return history
+
+
+def _restore_history(trainer, history: dict[str, Any] | None) -> None:
+    import pandas as pd
+
+    data = getattr(getattr(trainer.logger, "experiment", None), "data", None)
+    if not history or not isinstance(data, dict):
+        return
+    for name, rec in history.items():
+        frame = pd.DataFrame({name: rec["values"]}, index=pd.Index(rec["index"], dtype=object))
+        frame.index.name = rec["index_name"]
+        data[name] = frame
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
