@@ -1019,10 +1019,10 @@ CASES = [
     ),
     Case(
         "HistoVI",
-        "hops-zero",
-        lambda c: tiny_model(c.adata(), spatial_hops=0),
+        "normalize-input-not-bool",
+        lambda c: tiny_model(c.adata(), normalize_input="yes"),
         ValueError,
-        r"spatial_hops=0: pass an integer >= 1",
+        r"normalize_input='yes': pass True \(depth-normalised encoder input",
     ),
     # -------------------------------------------------------------- train
     Case(

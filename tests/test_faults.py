@@ -121,10 +121,10 @@ STOPS_EARLY = {
     ("model_kwargs", "train_kwargs", "crash_epoch"),
     [
         ({"cycle_weight": 1.0, "alignment_weight": 1.0, "anchor_weight": 1.0}, {}, 2),
-        ({"spatial_hops": 2}, {"check_val_every_n_epoch": 1, "train_size": 0.8}, 2),
+        ({"view_dropout": 0.5}, {"check_val_every_n_epoch": 1, "train_size": 0.8}, 2),
         ({}, STOPS_EARLY, 1),
     ],
-    ids=["alignment-terms", "two-hops-validation", "early-stopping"],
+    ids=["alignment-terms", "validation-every-epoch", "early-stopping"],
 )
 def test_resume_reproduces_every_option(
     tmp_path, tiny_adata, model_kwargs, train_kwargs, crash_epoch
