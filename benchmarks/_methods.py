@@ -45,11 +45,10 @@ HISTOVI_VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI-adversarial": {"cycle_weight": 0.0, "alignment_weight": 20.0},
     # an expression-embedding view (obsm['X_fm'], see _data.py) beside the counts
     "HistoVI+FM": {"embeddings": {"fm": "X_fm"}},
-    # an encoder expert on the neighbours' mean counts (the niche is encoded, not only decoded)
 }
 
 #: Baselines, in the order they run (scVI before scVI+agg so that the latter reuses its latent).
-BASELINES = ("PCA", "Harmony", "scVI", "scVI+agg", "BANKSY", "AESTETIK")
+BASELINES = ("PCA", "Harmony", "scVI", "scVI+agg", "BANKSY", "BANKSY-0.8", "AESTETIK")
 
 
 @dataclass
@@ -511,6 +510,11 @@ _BASELINE_FUNCS: dict[str, tuple[Callable[..., np.ndarray], tuple[str, ...]]] = 
     "scVI": (scvi_, ("scanpy", "scvi")),
     "scVI+agg": (scvi_agg, ("scanpy", "scvi", "histovi")),
     "BANKSY": (banksy, ("scanpy", "harmonypy", "banksy", "sklearn")),
+    # BANKSY's setting for domain segmentation (lambda 0.8; the DLPFC vignette's 0.2 above)
+    "BANKSY-0.8": (
+        lambda a, seed, c: banksy(a, seed, c, lambda_param=0.8),
+        ("scanpy", "harmonypy", "banksy", "sklearn"),
+    ),
     "AESTETIK": (aestetik, ("scanpy", "aestetik", "lightning")),
 }
 

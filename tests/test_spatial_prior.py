@@ -1,11 +1,18 @@
-"""The spatial prior: each spot's prior (and posterior) borrows from its neighbours' latent."""
+"""The spatial prior: after training, a spot's latent is its posterior given its own data and its
+neighbours' (histovi.data._spatial)."""
 
 import numpy as np
 import pytest
 import torch
 
 from histovi import HistoVI
-from histovi.data._context import context_bank, fit_spatial_precision, hop_closure
+from histovi.data._spatial import (
+    data_posteriors,
+    fit_spatial_precision,
+    hop_closure,
+    neighbor_mean,
+    spatial_marginal_loglik,
+)
 
 TRAIN = {"max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False}
 
@@ -24,13 +31,11 @@ def _model(adata, neighbors=True, **kwargs):
 def test_on_by_default_with_neighbours_off_without(small_adata):
     assert _model(small_adata).module.spatial_prior
     assert not _model(small_adata, neighbors=False).module.spatial_prior
-    assert not _model(small_adata, spatial_prior=False).module.spatial_prior
-
-
-@pytest.mark.parametrize("hops", [0, 1.5, "2"])
-def test_bad_hops_are_refused_by_name(small_adata, hops):
-    with pytest.raises(ValueError, match="spatial_hops"):
-        _model(small_adata, spatial_hops=hops)
+    model = _model(small_adata, spatial_prior=False)
+    assert not model.module.spatial_prior
+    model.train(**TRAIN)
+    with pytest.raises(ValueError, match="spatial_prior"):
+        model.get_latent_representation(spatial=True)
 
 
 def test_hop_closure_by_hand():
@@ -42,14 +47,28 @@ def test_hop_closure_by_hand():
     assert hop_closure(nbrs, np.array([2]), 10).tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("hops", [1, 2])
-def test_latent_depends_on_the_neighbours_and_a_subset_matches_the_whole(small_adata, hops):
-    model = _model(small_adata, spatial_hops=hops)
+def test_neighbour_mean_weighs_look_alike_neighbours_more():
+    own = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]])
+    nbrs = np.array([[1, 2], [0, 2], [0, 1]])
+    wide = neighbor_mean(own, nbrs, bandwidth=1e6)  # plain mean
+    np.testing.assert_allclose(wide, own[nbrs].mean(1), atol=1e-4)
+    sharp = neighbor_mean(own, nbrs, bandwidth=0.5)
+    # spot 0 borrows from spot 1 (close), hardly from spot 2 across the "boundary"
+    np.testing.assert_allclose(sharp[0], own[1], atol=1e-3)
+
+
+def test_latent_depends_on_the_neighbours_and_a_subset_matches_the_whole(small_adata):
+    model = _model(small_adata)
     model.train(**TRAIN)
     z = model.get_latent_representation()
     assert np.isfinite(z).all()
     rows = np.array([3, 150, 151, 399])
     np.testing.assert_allclose(model.get_latent_representation(indices=rows), z[rows], atol=1e-6)
+    mask = np.zeros(small_adata.n_obs, dtype=bool)
+    mask[rows] = True
+    np.testing.assert_allclose(model.get_latent_representation(indices=mask), z[rows], atol=1e-6)
+    own = model.get_latent_representation(spatial=False)
+    assert not np.allclose(own, z, atol=1e-4)
     # the same spots with other neighbours get another latent
     shuffled = small_adata.copy()
     nbrs = shuffled.obsm["spatial_neighbors"]
@@ -64,35 +83,42 @@ def test_latent_depends_on_the_neighbours_and_a_subset_matches_the_whole(small_a
     assert not np.allclose(model.get_latent_representation(shuffled), z, atol=1e-4)
 
 
-def test_the_posterior_is_the_product_of_data_and_spatial_prior(small_adata):
-    model = _model(small_adata, spatial_hops=2)
+def test_the_latent_is_the_posterior_under_the_fitted_spatial_prior(small_adata):
+    model = _model(small_adata)
     model.train(**TRAIN)
     module = model.module
     lam = module.spatial_precision().detach().numpy()
+    beta = float(module.evidence_scale)
     assert lam.shape == (4,) and (lam > 0).all()
-    bank = context_bank(module, model.adata_manager, hops=2).bank
-    nbrs = small_adata.obsm["spatial_neighbors"]
-    # the bank after one Jacobi step, by hand from the spots' own-data posteriors
-    from histovi.data._context import data_posteriors
-
+    # the encoders were trained with the KL weight of the last epoch: the evidence is rescaled
+    assert beta == pytest.approx(3 / 400)  # the KL weight after 3 of 400 warm-up epochs
     prec, wmean = data_posteriors(module, model.adata_manager, np.arange(small_adata.n_obs))
+    prec, wmean = beta * prec, beta * wmean
     own = wmean / (prec + 1.0)
-    by_hand = (wmean + lam * own[nbrs].mean(1)) / (prec + 1.0 + lam)
-    np.testing.assert_allclose(bank, by_hand, rtol=1e-4, atol=1e-5)
-    z = model.get_latent_representation()
-    expected = (wmean + lam * bank[nbrs].mean(1)) / (prec + 1.0 + lam)
-    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+    zbar = neighbor_mean(
+        own, small_adata.obsm["spatial_neighbors"], float(module.neighbor_bandwidth)
+    )
+    expected = (wmean + lam * zbar) / (prec + 1.0 + lam)
+    mean, var = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, 1.0 / (prec + 1.0 + lam), rtol=1e-4)
+    # lambda maximises the marginal likelihood of the spots' evidence
+    args = [np.asarray(v, dtype=np.float64) for v in (prec, wmean, zbar)]
+    best = spatial_marginal_loglik(*args, lam)
+    for factor in (0.8, 1.25):
+        other = np.clip(lam * factor, 1e-3, 1e4)
+        assert np.all(best >= spatial_marginal_loglik(*args, other) - 1e-9)
+    sample = model.get_latent_representation(give_mean=False)
+    assert sample.shape == mean.shape and not np.allclose(sample, mean)
 
 
-def test_the_prior_precision_is_fitted_every_epoch_and_logged(small_adata):
+def test_the_spatial_prior_is_fitted_after_training_not_by_gradient(small_adata):
     model = _model(small_adata)
     module = model.module
-    # a buffer fitted by EM, not a parameter the optimiser (or a query) could move
     assert "spatial_log_precision" not in dict(module.named_parameters())
     before = module.spatial_log_precision.clone()
     model.train(**TRAIN)
     assert not torch.equal(before, module.spatial_log_precision)
-    assert "spatial_precision_train" in model.history
 
 
 def _gmrf_draw(lam, n=20_000, d=3, precision=4.0, seed=0):
@@ -107,27 +133,37 @@ def _gmrf_draw(lam, n=20_000, d=3, precision=4.0, seed=0):
 
 
 @pytest.mark.parametrize("true_lam", [0.5, 4.0, 20.0])
-def test_em_recovers_the_spatial_precision(true_lam):
+def test_empirical_bayes_recovers_the_spatial_precision(true_lam):
     P, a, zbar = _gmrf_draw(np.full(3, true_lam))
-    lam = fit_spatial_precision(P, a, zbar, np.ones(3))
+    lam = fit_spatial_precision(P, a, zbar)
     np.testing.assert_allclose(lam, true_lam, rtol=0.15)
 
 
-def test_em_gives_no_spatial_context_when_neighbours_tell_nothing():
+def test_no_spatial_context_when_neighbours_tell_nothing():
     P, a, _ = _gmrf_draw(np.zeros(3))
     unrelated = np.random.default_rng(1).normal(0, 1, a.shape)
-    lam = fit_spatial_precision(P, a, unrelated, np.ones(3))
+    lam = fit_spatial_precision(P, a, unrelated)
     assert (lam < 0.05).all()
     # spots whose neighbours are unknown (NaN rows) are left out of the fit
     nan_rows = unrelated.copy()
     nan_rows[:100] = np.nan
-    assert np.isfinite(fit_spatial_precision(P, a, nan_rows, np.ones(3))).all()
+    assert np.isfinite(fit_spatial_precision(P, a, nan_rows)).all()
 
 
-def test_save_load_and_query_keep_the_spatial_prior(small_adata, tmp_path):
+def test_save_load_keeps_the_spatial_prior_and_old_models_load_without_it(small_adata, tmp_path):
     model = _model(small_adata)
     model.train(**TRAIN)
     z = model.get_latent_representation()
     model.save(tmp_path / "m", save_anndata=False)
     loaded = HistoVI.load(tmp_path / "m", adata=small_adata)
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    # a model saved before the spatial prior existed: no buffers in its state
+    path = tmp_path / "m" / "model.pt"
+    saved = torch.load(path, weights_only=False)
+    for key in ("spatial_log_precision", "evidence_scale", "neighbor_bandwidth"):
+        del saved["model_state_dict"][key]
+    torch.save(saved, path)
+    old = HistoVI.load(tmp_path / "m", adata=small_adata)
+    assert (old.module.spatial_precision() <= 1e-3 + 1e-9).all()
+    own = old.get_latent_representation(spatial=False)
+    np.testing.assert_allclose(old.get_latent_representation(), own, atol=0.02)

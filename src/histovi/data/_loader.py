@@ -16,28 +16,23 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from ..module._module import (
     ANCHOR_MASK_KEY,
     ANCHOR_TARGET_KEY,
-    NEIGHBOR_LATENT_KEY,
     NEIGHBORS_REGISTRY_KEY,
     NICHE_KEY,
 )
-from ._context import NeighborContext
 
 
 class NeighborhoodDataset(Dataset):
     """Rows ``indices`` of a registered AnnData, plus the summed counts of their neighbours
-    (``gather_niche``) and the mean latent of their neighbours (when a ``context`` bank is
-    given)."""
+    (``gather_niche``)."""
 
     def __init__(
         self,
         adata_manager,
         indices,
         data_and_attributes=None,
-        context: NeighborContext | None = None,
         gather_niche: bool = True,
     ):
         self.indices = np.asarray(indices)
-        self.context = context
         registry = adata_manager.data_registry
         keys = data_and_attributes
         if keys is None:
@@ -72,10 +67,6 @@ class NeighborhoodDataset(Dataset):
         data = self.base[rows]
         if self.neighbors is not None:
             data[NICHE_KEY] = self.niche_counts(rows)
-        if self.context is not None:
-            nbr_latent = self.context.neighbor_mean(rows)
-            if nbr_latent is not None:
-                data[NEIGHBOR_LATENT_KEY] = nbr_latent
         if self.anchor_target is not None:
             data[ANCHOR_TARGET_KEY] = self.anchor_target[rows]
             data[ANCHOR_MASK_KEY] = self.anchor_mask[rows]
@@ -101,8 +92,7 @@ class NeighborhoodDataset(Dataset):
 
 
 class NeighborhoodDataLoader(DataLoader):
-    """Drop-in for :class:`scvi.dataloaders.AnnDataLoader` that adds ``niche_counts`` and
-    ``neighbor_latent``."""
+    """Drop-in for :class:`scvi.dataloaders.AnnDataLoader` that adds ``niche_counts``."""
 
     def __init__(
         self,
@@ -113,7 +103,6 @@ class NeighborhoodDataLoader(DataLoader):
         drop_last: bool = False,
         data_and_attributes=None,
         load_sparse_tensor: bool = False,
-        context: NeighborContext | None = None,
         gather_niche: bool = True,
         **kwargs,
     ):
@@ -124,7 +113,7 @@ class NeighborhoodDataLoader(DataLoader):
             indices = np.flatnonzero(indices)
         self.indices = indices
         dataset = NeighborhoodDataset(
-            adata_manager, indices, data_and_attributes, context=context, gather_niche=gather_niche
+            adata_manager, indices, data_and_attributes, gather_niche=gather_niche
         )
         sampler = BatchSampler(
             RandomSampler(dataset) if shuffle else SequentialSampler(dataset),

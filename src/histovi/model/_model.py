@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import scvi
 import torch
 from anndata import AnnData
 from mudata import MuData
@@ -36,8 +37,8 @@ from .._validation import (
     require_obsm,
 )
 from ..data._anchors import AnchorCallback
-from ..data._context import NeighborContext, NeighborContextCallback, context_bank
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
+from ..data._spatial import SpatialPriorCallback, spatial_posterior
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE, view_registry_key
 from ._checks import (
     check_categorical_covariates,
@@ -181,7 +182,6 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         view_dropout: float = 0.3,
         normalize_input: bool = True,
         spatial_prior: bool = True,
-        spatial_hops: int = 1,
         view_standardization: str = "global",
         **module_kwargs,
     ):
@@ -203,8 +203,6 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             )
         if not 0 <= view_dropout <= 1:
             raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
-        if not isinstance(spatial_hops, int | np.integer) or spatial_hops < 1:
-            raise ValueError(f"spatial_hops={spatial_hops!r}: pass an integer >= 1.")
         setup = self.adata_manager.registry["setup_args"]
         views = self._registered_views()
         if not use_morphology:
@@ -289,7 +287,6 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             "embedding_records": _plain(uns.get("embeddings")),
             "spatial_neighbors_record": _plain(uns.get("spatial_neighbors")),
             "normalize_input": bool(normalize_input),
-            "spatial_hops": int(spatial_hops),
         }
         self._model_summary_string = (
             f"HistoVI: n_latent={n_latent}, views=expression"
@@ -297,7 +294,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
             + f", cycle_weight={cycle_weight}, alignment_weight={alignment_weight}"
             + f", normalize_input={normalize_input}"
-            + (f", spatial_prior(hops={spatial_hops})" if spatial_prior and has_neighbors else "")
+            + (", spatial_prior" if spatial_prior and has_neighbors else "")
             + (f", anchor_weight={anchor_weight}" if anchor_weight else "")
             + f", n_batch={self.summary_stats.n_batch}"
         )
@@ -594,22 +591,15 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         trainer_kwargs.update(
             prepare_training(self, max_epochs, batch_size, checkpoint_dir, trainer_kwargs)
         )
-        if getattr(self.module, "spatial_prior", False):
-            # the loaders read the neighbours' latents from a bank refreshed every epoch
-            context = NeighborContext(self._neighbors())
+        if getattr(self.module, "spatial_prior", False) and not getattr(self, "is_query_", False):
+            # fitted to the trained encoders; a query keeps the reference's, as every weight
             callbacks = list(trainer_kwargs.get("callbacks") or [])
-            callbacks.append(
-                NeighborContextCallback(
-                    context,
-                    self.adata_manager,
-                    hops=self._spatial_hops(),
-                    # a query keeps the reference's spatial precision, as every other weight
-                    fit_precision=not getattr(self, "is_query_", False),
-                )
-            )
+            callbacks.append(SpatialPriorCallback(self.adata_manager))
             trainer_kwargs["callbacks"] = callbacks
+        if not getattr(self.module, "use_niche", False):
+            # no niche decoder: the loaders need not gather the neighbours' counts
             splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
-            splitter_kwargs.setdefault("context", context)
+            splitter_kwargs.setdefault("gather_niche", False)
             trainer_kwargs["datasplitter_kwargs"] = splitter_kwargs
         if getattr(self.module, "anchor_weight", 0) > 0 and not getattr(self, "is_query_", False):
             callbacks = list(trainer_kwargs.get("callbacks") or [])
@@ -630,29 +620,6 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             record["train_spot_epochs"] = record.get("train_spot_epochs", 0) + n * max_epochs
         return out
 
-    def _neighbors(self, adata_manager=None) -> np.ndarray:
-        manager = adata_manager or self.adata_manager
-        return np.asarray(manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64)
-
-    def _spatial_hops(self) -> int:
-        return int(self.histovi_setup_.get("spatial_hops", 1))
-
-    def _make_data_loader(self, adata, indices=None, batch_size=None, shuffle=False, **kwargs):
-        """scvi-tools' loader for inference, plus the neighbours' latents the spatial prior
-        needs: computed for the spots within ``spatial_hops`` of ``indices``, so a subset is
-        embedded exactly as within the whole data set."""
-        if getattr(self.module, "spatial_prior", False) and "context" not in kwargs:
-            manager = self.get_anndata_manager(adata)
-            rows = np.arange(manager.adata.n_obs) if indices is None else np.asarray(indices)
-            if rows.dtype == bool:
-                rows = np.flatnonzero(rows)
-            kwargs["context"] = context_bank(
-                self.module, manager, rows.astype(np.int64), hops=self._spatial_hops()
-            )
-        return super()._make_data_loader(
-            adata, indices=indices, batch_size=batch_size, shuffle=shuffle, **kwargs
-        )
-
     # ------------------------------------------------------------------ outputs
     @torch.inference_mode()
     def get_latent_representation(
@@ -661,19 +628,53 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         indices: Sequence[int] | None = None,
         give_mean: bool = True,
         batch_size: int | None = None,
+        spatial: bool | None = None,
+        return_dist: bool = False,
         **kwargs,
     ) -> np.ndarray:
         """Latent representation (posterior mean by default) of every spot, shape (n, n_latent).
 
-        ``indices`` are row numbers of ``adata`` (default: the registered AnnData). With the
-        spatial prior a spot's latent also depends on its neighbours: their latents are computed
-        as well (the spots within ``spatial_hops`` steps of ``indices``), so a spot gets the same
+        ``indices`` are row numbers of ``adata`` (default: the registered AnnData).
+
+        ``spatial`` (default: on when the model has a spatial prior, i.e. neighbours were
+        registered) gives each spot's posterior given its own data *and* its neighbours' (the
+        spatial prior fitted after training, :mod:`histovi.data._spatial`): the representation
+        for tissue domains. ``spatial=False`` gives the posterior from the spot's own data
+        alone. The neighbours of ``indices`` are embedded as well, so a spot gets the same
         latent whether it is embedded alone or with the whole data set.
         """
         check_indices(indices, (adata if adata is not None else self.adata).n_obs)
-        return super().get_latent_representation(
-            adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size, **kwargs
+        if spatial is None:
+            spatial = getattr(self.module, "spatial_prior", False)
+        if spatial and not getattr(self.module, "spatial_prior", False):
+            raise ValueError(
+                "spatial=True needs a model with a spatial prior: register the neighbour graph "
+                "(setup_anndata(..., neighbors_key=...)) and keep spatial_prior=True."
+            )
+        if not spatial or kwargs.get("dataloader") is not None:
+            return super().get_latent_representation(
+                adata=adata,
+                indices=indices,
+                give_mean=give_mean,
+                batch_size=batch_size,
+                return_dist=return_dist,
+                **kwargs,
+            )
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata)
+        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        mean, var = spatial_posterior(
+            self.module, manager, rows.astype(np.int64), batch_size=batch_size or 1024
         )
+        if return_dist:
+            return mean, var
+        if give_mean:
+            return mean
+        rng = np.random.default_rng(int(scvi.settings.seed or 0))
+        return (mean + np.sqrt(var) * rng.standard_normal(mean.shape)).astype(np.float32)
 
     # ------------------------------------------------------------------ reference mapping
     @classmethod
