@@ -234,6 +234,12 @@ def _curve_callback(model, adata: AnnData, seed: int, ctx: Context):
             t = time.perf_counter()
             pl_module.eval()
             trained, model.is_trained_ = model.is_trained_, True  # scvi-tools refuses otherwise
+            if getattr(pl_module.module, "spatial_prior", False):
+                # what a run stopped here would give: its spatial prior fitted now
+                from histovi.data._spatial import fit_spatial_prior
+
+                kl = float(getattr(pl_module, "kl_weight", 1.0))
+                fit_spatial_prior(pl_module.module, model.adata_manager, evidence_scale=kl)
             try:
                 z = model.get_latent_representation()
             finally:

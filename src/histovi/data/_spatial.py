@@ -210,8 +210,14 @@ class SpatialPriorCallback(Callback):
 
     def __init__(self, adata_manager):
         self.adata_manager = adata_manager
+        self.kl_weight = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the KL weight of the epoch being trained (at the end of training the plan's property
+        # already reads the next epoch's)
+        self.kl_weight = float(getattr(pl_module, "kl_weight", 1.0))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        beta = float(getattr(pl_module, "kl_weight", 1.0))
+        beta = self.kl_weight if self.kl_weight is not None else 1.0
         lam = fit_spatial_prior(pl_module.module, self.adata_manager, evidence_scale=beta)
         logger.info(f"Spatial prior: lambda {np.round(lam, 2).tolist()} (KL weight {beta:.3f}).")
