@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from scvi import REGISTRY_KEYS, settings
-from scvi.dataloaders import DataSplitter
+from scvi.dataloaders import BatchDistributedSampler, DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from ..module._module import (
@@ -115,12 +115,18 @@ class NeighborhoodDataLoader(DataLoader):
         dataset = NeighborhoodDataset(
             adata_manager, indices, data_and_attributes, gather_niche=gather_niche
         )
-        sampler = BatchSampler(
-            RandomSampler(dataset) if shuffle else SequentialSampler(dataset),
-            batch_size=batch_size,
-            drop_last=drop_last,
-        )
-        kwargs.pop("distributed_sampler", None)
+        if kwargs.pop("distributed_sampler", False):
+            # DDP (scvi-tools asks for it when strategy="ddp"...): each rank reads its own share
+            # of the rows, whole minibatches at a time; Lightning sets the epoch of the shuffle
+            sampler = BatchDistributedSampler(
+                dataset, batch_size=batch_size, drop_last=drop_last, shuffle=shuffle
+            )
+        else:
+            sampler = BatchSampler(
+                RandomSampler(dataset) if shuffle else SequentialSampler(dataset),
+                batch_size=batch_size,
+                drop_last=drop_last,
+            )
         kwargs.pop("iter_ndarray", None)
         kwargs.setdefault("num_workers", settings.dl_num_workers)
         kwargs.setdefault("persistent_workers", settings.dl_persistent_workers)
@@ -133,3 +139,16 @@ class NeighborhoodDataSplitter(DataSplitter):
     """scvi-tools' train/validation splitter with the neighbour-gathering loader."""
 
     data_loader_cls = NeighborhoodDataLoader
+
+    def setup(self, stage: str | None = None):
+        distributed = self.data_loader_kwargs.get("distributed_sampler", False)
+        if not (distributed and settings.seed is None and self.external_indexing is None):
+            return super().setup(stage)
+        # Every DDP rank runs this in its own process: without scvi.settings.seed each would
+        # draw another train/validation split and the ranks would train on overlapping spots.
+        indices = np.arange(self.adata_manager.adata.n_obs)
+        if self.shuffle_set_split:
+            indices = np.random.RandomState(seed=0).permutation(indices)
+        self.val_idx = indices[: self.n_val]
+        self.train_idx = indices[self.n_val : self.n_val + self.n_train]
+        self.test_idx = indices[self.n_val + self.n_train :]

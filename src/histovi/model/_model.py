@@ -587,6 +587,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         plan_kwargs = dict(plan_kwargs or {})
         if getattr(self, "is_query_", False):
             plan_kwargs.setdefault("weight_decay", 0.0)
+        if trainer_kwargs.get("strategy") in ("ddp", "ddp_spawn", "ddp_notebook"):
+            # parts of scvi-tools' decoders (dispersion / dropout heads) and the opt-in terms do
+            # not take part in every loss: DDP must be told, or it stops at the first step
+            trainer_kwargs["strategy"] += "_find_unused_parameters_true"
         # argument checks, checkpoint and resume, stop on divergence (model/_training.py)
         trainer_kwargs.update(
             prepare_training(self, max_epochs, batch_size, checkpoint_dir, trainer_kwargs)
