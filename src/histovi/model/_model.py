@@ -142,6 +142,21 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         does not enter the latent; the decoders still see the observed library. ``False`` gives
         scVI's encoder input (log of the raw counts), which models saved before this option
         existed used; they load back with it.
+    view_gating
+        Scale each view expert's precision by a gate per latent dimension that learns only from
+        how well the latent explains the counts (default): a weak or section-shifted image view
+        is gated out instead of overriding the expression (docs: "How HistoVI combines the
+        views"). ``False``: the plain product of experts.
+    view_standardization
+        ``"global"`` (default): centre and scale each view feature over all spots; ``"sample"``:
+        within each sample (removes stain shifts before the encoder, and a section's real
+        composition difference with them).
+    spatial_prior
+        After training, fit a spatial prior (``N(0, I) x N(neighbours' mean latent,
+        1 / lambda)``, lambda per latent dimension by empirical Bayes) so that
+        :meth:`get_latent_representation` gives each spot's posterior given its own data and its
+        neighbours' (default when a neighbour graph is registered; docs: "How HistoVI combines
+        the views"). Training itself uses the standard prior.
     **module_kwargs
         Passed to :class:`~histovi.module.HistoVAE`, e.g. ``encode_covariates=False`` or
         ``view_agreement_weight=1``.
@@ -181,8 +196,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         anchor_weight: float = 0.0,
         view_dropout: float = 0.3,
         normalize_input: bool = True,
-        spatial_prior: bool = True,
+        view_gating: bool = True,
         view_standardization: str = "global",
+        spatial_prior: bool = True,
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -271,6 +287,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             view_dropout=view_dropout,
             normalize_input=normalize_input,
             spatial_prior=bool(spatial_prior) and has_neighbors,
+            view_gating=bool(view_gating),
             n_cats_per_cov=n_cats_per_cov,
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
             **module_kwargs,
@@ -294,6 +311,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
             + f", cycle_weight={cycle_weight}, alignment_weight={alignment_weight}"
             + f", normalize_input={normalize_input}"
+            + (", view_gating" if view_gating and view_dims else "")
             + (", spatial_prior" if spatial_prior and has_neighbors else "")
             + (f", anchor_weight={anchor_weight}" if anchor_weight else "")
             + f", n_batch={self.summary_stats.n_batch}"

@@ -292,6 +292,10 @@ class HistoVAE(BaseModuleClass):
         return self.spatial_log_precision.exp()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the view gates existed load with every gate open (= their
+        # plain product of experts)
+        if self.view_gating and prefix + "view_log_gates" not in state_dict:
+            state_dict[prefix + "view_log_gates"] = torch.zeros_like(self.view_log_gates)
         # models saved before the spatial prior existed load with it off (lambda = 1e-3)
         if self.spatial_prior and prefix + "spatial_log_precision" not in state_dict:
             state_dict[prefix + "spatial_log_precision"] = torch.full_like(
