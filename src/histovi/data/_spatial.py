@@ -122,10 +122,11 @@ def fit_spatial_precision(
     Each spot's own data give a Gaussian likelihood of its latent (precision ``P``, weighted
     mean ``a``); the prior is ``N(0, 1) x N(zbar, 1 / lambda)``, with ``zbar`` the neighbours'
     mean latent. lambda maximises the marginal likelihood of the spots' evidence
-    (:func:`spatial_marginal_loglik`, a one-dimensional search per latent dimension over
-    ``[MIN_SPATIAL_PRECISION, MAX_SPATIAL_PRECISION]``): large where a spot's latent is well
-    predicted by its neighbours', the minimum where it is not. Rows of ``neighbor_latent`` with
-    NaN (unknown neighbours) are left out.
+    (:func:`spatial_marginal_loglik`, a one-dimensional search per latent dimension): large
+    where a spot's latent is well predicted by its neighbours', ``MIN_SPATIAL_PRECISION`` where
+    it is not, and at most ``median(P) + 1``, so that a typical spot's neighbours never outweigh
+    its own evidence and the ``N(0, 1)`` prior together. Rows of ``neighbor_latent`` with NaN
+    (unknown neighbours) are left out.
     """
     from scipy.optimize import minimize_scalar
 
@@ -136,10 +137,14 @@ def fit_spatial_precision(
     n_latent = data_precision.shape[1]
     if not len(P):
         return np.full(n_latent, MIN_SPATIAL_PRECISION)
-    lo, hi = np.log(MIN_SPATIAL_PRECISION), np.log(MAX_SPATIAL_PRECISION)
-    grid = np.linspace(lo, hi, 41)
     lam = np.empty(n_latent)
     for d in range(n_latent):
+        # the neighbours of a typical spot never outweigh its own evidence and the N(0, 1)
+        # prior together: with weak evidence (a short training) the marginal likelihood alone
+        # can ask for lambda -> infinity, i.e. a latent that is only the neighbours' mean
+        cap = min(MAX_SPATIAL_PRECISION, float(np.median(P[:, d])) + 1.0)
+        lo, hi = np.log(MIN_SPATIAL_PRECISION), np.log(max(cap, MIN_SPATIAL_PRECISION))
+        grid = np.linspace(lo, hi, 41)
         cols = (P[:, [d]], a[:, [d]], zbar[:, [d]])
 
         def loss(t, cols=cols):
@@ -159,23 +164,43 @@ def _neighbors(adata_manager) -> np.ndarray:
     return np.asarray(adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY), dtype=np.int64)
 
 
+#: The two scales of the spatial posterior (rows of the module's spatial buffers).
+SCALES = ("spot", "domain")
+
+
+def _scaled_evidence(module, precision, weighted_mean, scale: str):
+    """The spots' evidence at a scale: as the encoders give it (``"spot"``), or tempered by the
+    KL weight they were trained with (``"domain"``)."""
+    beta = 1.0 if scale == "spot" else float(module.evidence_scale)
+    return beta * precision, beta * weighted_mean
+
+
+def _scale_index(scale: str) -> int:
+    if scale not in SCALES:
+        raise ValueError(f"spatial={scale!r}: pass 'spot', 'domain', True or False.")
+    return SCALES.index(scale)
+
+
 def spatial_posterior(
-    module, adata_manager, rows: np.ndarray | None = None, batch_size: int = 1024
+    module,
+    adata_manager,
+    rows: np.ndarray | None = None,
+    scale: str = "spot",
+    batch_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of the spatial posterior of ``rows`` (default: every spot), with the
-    module's fitted lambda, evidence scale and bandwidth."""
+    """Mean and variance of the spatial posterior of ``rows`` (default: every spot) at
+    ``scale``, with the module's fitted lambda, evidence scale and bandwidth."""
+    k = _scale_index(scale)
     neighbors = _neighbors(adata_manager)
     rows = np.arange(len(neighbors)) if rows is None else np.asarray(rows, dtype=np.int64)
     needed = hop_closure(neighbors, rows, 1)
     precision, weighted_mean = data_posteriors(module, adata_manager, needed, batch_size)
-    beta = float(module.evidence_scale)
-    precision, weighted_mean = beta * precision, beta * weighted_mean
+    precision, weighted_mean = _scaled_evidence(module, precision, weighted_mean, scale)
     own = np.full((len(neighbors), precision.shape[1]), np.nan, dtype=np.float32)
     own[needed] = weighted_mean / (precision + 1.0)
-    zbar, _ = _weighted_neighbor_mean(
-        own, neighbors[rows], float(module.neighbor_bandwidth), rows=rows
-    )
-    lam = module.spatial_precision().detach().cpu().numpy()
+    bandwidth = float(module.neighbor_bandwidth[k])
+    zbar, _ = _weighted_neighbor_mean(own, neighbors[rows], bandwidth, rows=rows)
+    lam = module.spatial_precision(scale).detach().cpu().numpy()
     at = np.searchsorted(needed, rows)
     total = precision[at] + 1.0 + lam
     return (
@@ -184,25 +209,31 @@ def spatial_posterior(
     )
 
 
-def fit_spatial_prior(module, adata_manager, evidence_scale: float, batch_size: int = 1024):
-    """Fit the spatial prior of a trained module to its data (every spot): sets the module's
-    evidence scale (the KL weight its encoders were trained with), the bandwidth of the
-    neighbour weights and lambda (:func:`fit_spatial_precision`). Returns lambda."""
+def fit_spatial_prior(
+    module, adata_manager, evidence_scale: float, batch_size: int = 1024
+) -> dict[str, np.ndarray]:
+    """Fit the spatial prior of a trained module to its data (every spot), at both scales:
+    sets the module's evidence scale (the KL weight its encoders were trained with), the
+    bandwidth of the neighbour weights and lambda (:func:`fit_spatial_precision`) of each.
+    Returns lambda by scale."""
     neighbors = _neighbors(adata_manager)
     rows = np.arange(len(neighbors))
-    precision, weighted_mean = data_posteriors(module, adata_manager, rows, batch_size)
-    beta = float(np.clip(evidence_scale, 1e-3, 1.0))
-    precision, weighted_mean = beta * precision, beta * weighted_mean
-    own = weighted_mean / (precision + 1.0)
-    d2 = ((own[:, None, :] - own[neighbors]) ** 2).sum(-1)
-    bandwidth = float(max(np.median(d2), 1e-8))
-    zbar, _ = _weighted_neighbor_mean(own, neighbors, bandwidth)
-    lam = fit_spatial_precision(precision, weighted_mean, zbar)
+    raw_precision, raw_weighted_mean = data_posteriors(module, adata_manager, rows, batch_size)
     with torch.no_grad():
-        module.evidence_scale.fill_(beta)
-        module.neighbor_bandwidth.fill_(bandwidth)
-        module.spatial_log_precision.copy_(torch.as_tensor(np.log(lam)))
-    return lam
+        module.evidence_scale.fill_(float(np.clip(evidence_scale, 1e-3, 1.0)))
+    fitted = {}
+    for k, scale in enumerate(SCALES):
+        precision, weighted_mean = _scaled_evidence(module, raw_precision, raw_weighted_mean, scale)
+        own = weighted_mean / (precision + 1.0)
+        d2 = ((own[:, None, :] - own[neighbors]) ** 2).sum(-1)
+        bandwidth = float(max(np.median(d2), 1e-8))
+        zbar, _ = _weighted_neighbor_mean(own, neighbors, bandwidth)
+        lam = fit_spatial_precision(precision, weighted_mean, zbar)
+        with torch.no_grad():
+            module.neighbor_bandwidth[k] = bandwidth
+            module.spatial_log_precision[k] = torch.as_tensor(np.log(lam))
+        fitted[scale] = lam
+    return fitted
 
 
 class SpatialPriorCallback(Callback):
@@ -219,5 +250,6 @@ class SpatialPriorCallback(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         beta = self.kl_weight if self.kl_weight is not None else 1.0
-        lam = fit_spatial_prior(pl_module.module, self.adata_manager, evidence_scale=beta)
-        logger.info(f"Spatial prior: lambda {np.round(lam, 2).tolist()} (KL weight {beta:.3f}).")
+        fitted = fit_spatial_prior(pl_module.module, self.adata_manager, evidence_scale=beta)
+        for scale, lam in fitted.items():
+            logger.info(f"Spatial prior ({scale}): lambda {np.round(lam, 2).tolist()}.")

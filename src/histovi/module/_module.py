@@ -6,7 +6,7 @@ Views of a spot and how they enter the model:
 * embedding views (morphology, foundation-model embeddings): one encoder expert q(z | m, s) each
   and a Gaussian decoder p(m | z, s); a spot without a view (mask 0) simply lacks that expert
   and that reconstruction term;
-* the spatial neighbourhood: a negative-binomial decoder of the summed counts of the spot's
+* the spatial neighbourhood: a Poisson decoder of the summed counts of the spot's
   neighbours (the niche), which makes z describe the spot's surroundings as well as the spot;
   and, once trained, a spatial prior centred on the neighbours' latent (``spatial_prior``):
   the latent of a spot is then its posterior given its own data *and* its neighbours'
@@ -173,9 +173,10 @@ class HistoVAE(BaseModuleClass):
             # fitted after training (histovi.data._spatial.fit_spatial_prior), not by gradient:
             # log lambda per latent dimension, the KL weight that tempered the encoders' evidence,
             # and the bandwidth of the neighbour weights
-            self.register_buffer("spatial_log_precision", torch.zeros(n_latent))
+            # (one row per scale of histovi.data._spatial.SCALES: "spot", "domain")
+            self.register_buffer("spatial_log_precision", torch.zeros(2, n_latent))
             self.register_buffer("evidence_scale", torch.ones(()))
-            self.register_buffer("neighbor_bandwidth", torch.ones(()))
+            self.register_buffer("neighbor_bandwidth", torch.ones(2))
         self.normalize_input = normalize_input
         self.encode_covariates = encode_covariates
         self.cycle_weight = cycle_weight
@@ -226,7 +227,6 @@ class HistoVAE(BaseModuleClass):
 
         if use_niche:
             self.niche_decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
-            self.niche_r = nn.Parameter(torch.randn(n_input))
 
         if alignment_weight > 0 and n_batch > 1:
             self.batch_classifier = nn.Sequential(
@@ -286,12 +286,15 @@ class HistoVAE(BaseModuleClass):
             "z_views": inference_outputs.get("z_views"),
         }
 
-    def spatial_precision(self) -> torch.Tensor:
+    def spatial_precision(self, scale: str = "spot") -> torch.Tensor:
         """lambda >= 0 per latent dimension: the precision of the neighbour expert of the
-        spatial prior."""
-        return self.spatial_log_precision.exp()
+        spatial prior at ``scale`` (``"spot"`` or ``"domain"``)."""
+        return self.spatial_log_precision[("spot", "domain").index(scale)].exp()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the niche's negative-binomial dispersion of models saved before the niche became
+        # Poisson
+        state_dict.pop(prefix + "niche_r", None)
         # models saved before the view gates existed load with every gate open (= their
         # plain product of experts)
         if self.view_gating and prefix + "view_log_gates" not in state_dict:
@@ -302,7 +305,7 @@ class HistoVAE(BaseModuleClass):
                 self.spatial_log_precision, float(np.log(1e-3))
             )
             state_dict[prefix + "evidence_scale"] = torch.ones(())
-            state_dict[prefix + "neighbor_bandwidth"] = torch.ones(())
+            state_dict[prefix + "neighbor_bandwidth"] = torch.ones(2)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @auto_move_data
@@ -446,9 +449,10 @@ class HistoVAE(BaseModuleClass):
             niche_scale, _, niche_rate, _ = self.niche_decoder(
                 "gene", z_in, torch.log(niche_library.clamp(min=1.0)), *cat_list
             )
-            out["pniche"] = NegativeBinomial(
-                mu=niche_rate, theta=self.niche_r.exp(), scale=niche_scale
-            )
+            # Poisson: the summed counts of k neighbours are far less over-dispersed for their
+            # mean than one spot's (k times the inverse dispersion for alike neighbours), and
+            # its log-likelihood costs a fraction of the negative binomial's
+            out["pniche"] = niche_rate
         return out
 
     def _view_disagreement(self, inference_outputs) -> torch.Tensor:
@@ -502,7 +506,8 @@ class HistoVAE(BaseModuleClass):
 
         if "pniche" in generative_outputs and NICHE_KEY in tensors:
             niche = tensors[NICHE_KEY]
-            nll = -generative_outputs["pniche"].log_prob(niche).sum(-1)
+            rate = generative_outputs["pniche"]
+            nll = (rate - niche * torch.log(rate + 1e-8) + torch.lgamma(niche + 1.0)).sum(-1)
             reconstruction["niche"] = nll * (self.niche_weight / self.n_neighbors)
 
         loss = torch.mean(sum(reconstruction.values()) + kl_weight * kl_z)
