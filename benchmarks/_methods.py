@@ -83,6 +83,16 @@ class Context:
     curve_every: int | None = None
     score: Callable[[AnnData, np.ndarray, int], dict] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    #: further latents of the same trained model, tag -> embedding (HistoVI: ``domain``, the
+    #: domain-scale spatial posterior, and ``own``, each spot's own data); saved by the harness
+    #: as the method ``<method>@<tag>`` (see :data:`LATENT_TAGS`)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+#: Other latents of one trained HistoVI, scored as methods ``<variant>@<tag>`` without training
+#: again: the spatial posterior at domain scale, and the posterior from each spot's own data
+#: (the ablation of the spatial prior: training does not depend on it).
+LATENT_TAGS = {"domain": {"spatial": "domain"}, "own": {"spatial": False}}
 
 
 def parse_inline(text: str) -> dict[str, Any]:
@@ -127,10 +137,19 @@ def split_kwargs(spec: dict[str, Any]) -> tuple[dict, dict, dict]:
     return model, setup, train
 
 
+def split_latent_tag(name: str) -> tuple[str, str | None]:
+    """``'HistoVI:k=v@domain'`` -> ``('HistoVI:k=v', 'domain')``; no tag -> ``(name, None)``."""
+    base, sep, tag = name.rpartition("@")
+    if sep and tag in LATENT_TAGS:
+        return base, tag
+    return name, None
+
+
 def variant_of(name: str, ctx: Context) -> tuple[str, dict[str, Any]] | None:
     """``('HistoVI' | 'scVI', kwargs)`` of a named HistoVI variant or an inline method name
     (``HistoVI:key=value,...``, ``HistoVI-noMorph:key=value``, ``scVI:key=value``); ``None`` for
     other methods."""
+    name, _ = split_latent_tag(name)
     if name in ctx.histovi_variants:
         return "HistoVI", dict(ctx.histovi_variants[name])
     base, sep, inline = name.partition(":")
@@ -503,7 +522,35 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
         f"; {k}={v}" for k, v in (("setup", setup), ("train", train_kwargs)) if v
     )
     train_kwargs.setdefault("max_epochs", ctx.max_epochs)  # None: the model's own rule
-    return _train_embed(model, adata, seed, ctx, train_kwargs)
+    z = _train_embed(model, adata, seed, ctx, train_kwargs)
+    if model.module.spatial_prior:
+        ctx.extra = {
+            tag: np.asarray(model.get_latent_representation(**kw), dtype=np.float32)
+            for tag, kw in LATENT_TAGS.items()
+        }
+        ctx.info["spatial_precision"] = {
+            scale: np.round(model.module.spatial_precision(scale).numpy(), 3).tolist()
+            for scale in ("spot", "domain")
+        }
+    if model.module.view_gating:
+        ctx.info["view_gates"] = {
+            v: np.round(g.detach().numpy(), 3).tolist()
+            for v, g in model.module.view_gates().items()
+        }
+    return z
+
+
+def histovi_latent(adata: AnnData, seed: int, ctx: Context, name: str) -> np.ndarray:
+    """Another latent (``<variant>@<tag>``, :data:`LATENT_TAGS`) of the HistoVI variant trained
+    with this seed: read from the variant's run when it ran in this benchmark, else trained."""
+    saved = ctx.previous.get((name, seed))
+    base, tag = split_latent_tag(name)
+    ctx.info["reused_model"] = saved is not None
+    ctx.info["settings"] = f"{base}, get_latent_representation({LATENT_TAGS[tag]})"
+    if saved is not None:
+        return saved
+    histovi_variant(adata, seed, ctx, base)
+    return ctx.extra[tag]
 
 
 # --------------------------------------------------------------------------- registry
@@ -548,6 +595,8 @@ def resolve(
     variant = variant_of(name, ctx)
     if variant is not None and variant[0] == "scVI":
         return (lambda a, seed, c: scvi_(a, seed, c, variant[1])), ("scanpy", "scvi")
+    if variant is not None and split_latent_tag(name)[1] is not None:
+        return (lambda a, seed, c: histovi_latent(a, seed, c, name)), ("scanpy", "scvi", "histovi")
     if variant is not None:
         return (lambda a, seed, c: histovi_variant(a, seed, c, name)), ("scanpy", "scvi", "histovi")
     raise KeyError(

@@ -161,6 +161,11 @@ def run_method(
                 break
             ctx.previous[(method, int(seed))] = X
             np.save(emb_dir / f"{_safe(method)}_seed{seed}.npy", X)
+            # other latents of the same model, scored as '<method>@<tag>' without retraining
+            for tag, other in ctx.extra.items():
+                ctx.previous[(f"{method}@{tag}", int(seed))] = other
+                np.save(emb_dir / f"{_safe(f'{method}@{tag}')}_seed{seed}.npy", other)
+            ctx.extra = {}
             run = {"seed": int(seed), "wall_s": wall, "info": dict(ctx.info)}
             record["runs"].append(run)
             if key is not None:
@@ -255,6 +260,16 @@ def _worker(spec_path: str) -> None:
                 ctx.previous[(dep, int(seed))] = np.load(path)
     record = run_method(adata, spec["method"], spec["seeds"], ctx, emb_dir, spec.get("key"))
     Path(spec["record"]).write_text(json.dumps(record, default=str))
+
+
+def _dependencies(method: str) -> list[str]:
+    """Methods whose saved embeddings a method reuses (scVI+agg: scVI's; '<variant>@<tag>':
+    its own file, written by the variant's run)."""
+    if method == "scVI+agg":
+        return ["scVI"]
+    if _methods.split_latent_tag(method)[1] is not None:
+        return [method]
+    return []
 
 
 def _run_isolated(
@@ -989,7 +1004,7 @@ def run_benchmark(
                 prepared,
                 work,
                 ctx,
-                previous=["scVI"] if method == "scVI+agg" else [],
+                previous=_dependencies(method),
                 threads=threads,
                 key=key,
             )

@@ -327,3 +327,18 @@ def test_main_refuses_bad_arguments(tmp_path, capsys):
             integration.main(["--data", "sim_tiny", "--out", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert "--curve 0" in err and "existing .npy" in err
+
+
+def test_other_latents_of_one_histovi_model_are_scored_without_retraining(tmp_path):
+    """'HistoVI@domain' and 'HistoVI@own' read the latents the 'HistoVI' run saved."""
+    methods = ["HistoVI", "HistoVI@domain", "HistoVI@own"]
+    kw = {"out": tmp_path, "in_process": True, "fast": True, "max_epochs": 2}
+    result = integration.run_benchmark("sim_tiny", methods, seeds=[0], **kw)
+    table = {row["method"]: row for row in result["table"]}
+    assert all(table[m]["status"] == "ok" for m in methods)
+    emb = tmp_path / "sim_tiny" / "work" / "embeddings"
+    z = {m: np.load(emb / f"{integration._safe(m)}_seed0.npy") for m in methods}
+    assert not np.allclose(z["HistoVI"], z["HistoVI@own"])
+    assert not np.allclose(z["HistoVI"], z["HistoVI@domain"])
+    for m in methods[1:]:
+        assert result["records"][m]["runs"][0]["info"]["reused_model"]
