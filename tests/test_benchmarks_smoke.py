@@ -258,7 +258,10 @@ def test_inline_variants_fast_curve_and_extras(tmp_path, capsys):
     assert "n_hidden" in table["scVI:n_hidden=32"]["settings"]
     assert "'use_niche': False" in table[methods[1]]["settings"]
     names = sorted(p.name for p in (out / "work" / "embeddings").glob("*.npy"))
-    assert len(names) == 3 and not any(c in n for n in names for c in ":,=")
+    # one per method, plus HistoVI's other latents (spatial='domain' and its own), kept so that
+    # '<variant>@domain' / '<variant>@own' are scored without training again
+    assert len(names) == 5 and not any(c in n for n in names for c in ":,=")
+    assert sum("_domain-" in n for n in names) == 1 and sum("_own-" in n for n in names) == 1
     curve = pd.read_csv(out / "curve.csv")
     assert sorted(set(curve["method"])) == sorted(methods[1:])
     for name, part in curve.groupby("method"):

@@ -39,7 +39,8 @@ def test_killed_training_resumes_to_the_uninterrupted_latent(tmp_path, tiny_adat
     an uninterrupted run with the same seed, and the same as a run without checkpoints."""
     ckpt, marker = tmp_path / "ckpt", tmp_path / "held"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(histovi.__file__).parents[1])])}
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # the same thread count as this process: bitwise equality holds for one thread count only
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     proc = subprocess.Popen(
         [sys.executable, str(TESTS / "_train_child.py"), str(ckpt), str(marker), "2", "4"],
         env=env,

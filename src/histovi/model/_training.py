@@ -447,8 +447,9 @@ def _view_of_parameter(name: str) -> str:
     return "expression"
 
 
-#: minibatch keys -> the view they feed
-_INPUT_NAMES = {"X": "expression", "niche_counts": "niche", "neighbor_latent": "spatial prior"}
+#: minibatch keys -> the input a user would fix: the niche counts are the neighbours' expression
+#: counts, so a NaN there (from a spot outside the minibatch) is a NaN in the expression counts
+_INPUT_NAMES = {"X": "expression", "niche_counts": "expression", "neighbor_latent": "spatial prior"}
 
 DIVERGENCE_FIX = (
     "The model keeps the weights from before this step (save or inspect it now). Check that "
@@ -501,10 +502,7 @@ class HistoTrainingPlan(TrainingPlan):
             # torch.distributions refuse NaN parameters: NaN inputs, or weights already NaN
             if "invalid values" not in str(err):
                 raise
-            from ._checks import nonfinite_inputs
-
-            bad = nonfinite_inputs(batch)
-            names = [_INPUT_NAMES.get(k, k.removeprefix("view_")) for k in bad]
+            names = self._nonfinite_input_names(batch)
             what = (
                 f"the input of {', '.join(repr(n) for n in names)} holds NaN or inf values "
                 "(changed since setup_anndata?)"
@@ -520,20 +518,38 @@ class HistoTrainingPlan(TrainingPlan):
             ) from err
         value = loss["loss"] if isinstance(loss, dict) else loss
         if not bool(torch.isfinite(value).all()):
-            bad = self._diverged_terms()
+            # a NaN input is the commonest cause and the most useful name: a likelihood that
+            # does not validate its parameters (Poisson niche) lets it through to the loss
             where = f"epoch {self.current_epoch}, minibatch {batch_idx}"
-            what = (
-                f"the {', '.join(repr(b) for b in bad)} term{'s' if len(bad) > 1 else ''} of the loss"
-                if bad
-                else "the loss (no single term)"
-            )
+            names = self._nonfinite_input_names(batch)
+            if names:
+                bad = names
+                what = (
+                    f"the input of {', '.join(repr(n) for n in names)} holds NaN or inf values "
+                    "(changed since setup_anndata?)"
+                )
+            else:
+                bad = self._diverged_terms()
+                what = (
+                    f"the {', '.join(repr(b) for b in bad)} term{'s' if len(bad) > 1 else ''} "
+                    "of the loss is NaN or infinite"
+                    if bad
+                    else "the loss (no single term) is NaN or infinite"
+                )
             raise TrainingDivergedError(
-                f"Training diverged at {where}: {what} is NaN or infinite. {DIVERGENCE_FIX}",
+                f"Training diverged at {where}: {what}. {DIVERGENCE_FIX}",
                 views=bad,
                 epoch=self.current_epoch,
                 step=self.global_step,
             )
         return loss
+
+    @staticmethod
+    def _nonfinite_input_names(batch) -> list[str]:
+        from ._checks import nonfinite_inputs
+
+        names = [_INPUT_NAMES.get(k, k.removeprefix("view_")) for k in nonfinite_inputs(batch)]
+        return list(dict.fromkeys(names))
 
     def _diverged_terms(self) -> list[str]:
         out = getattr(self, "_last_loss_output", None)
