@@ -173,11 +173,18 @@ class _Clock:
 
     def __init__(self):
         self.total: dict[str, float] = {}
+        self._wrapped: list = []
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._wrapped):
+            setattr(owner, attr, fn)
+        self._wrapped.clear()
 
     def wrap(self, owner, attr: str, name: str):
         import functools
 
         fn = getattr(owner, attr)
+        self._wrapped.append((owner, attr, fn))
         clock = self
 
         @functools.wraps(fn)
@@ -247,23 +254,38 @@ def run_one(
     profile: Path | None = None,
 ) -> dict:
     """Train ``method`` on the study in ``path`` and measure; returns one result row."""
+    import scvi
+    import torch
+
+    from histovi.data import _loader, _spatial
+
+    torch.set_num_threads(threads)
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = num_workers
+    clock = _Clock()
+    clock.wrap(scvi.data.AnnTorchDataset, "__getitem__", "fetch")
+    clock.wrap(_loader.NeighborhoodDataset, "niche_counts", "niche")
+    clock.wrap(_spatial, "fit_spatial_prior", "spatial_prior_fit")
+    try:
+        return _measure(
+            method, path, clock, epochs, accelerator, devices, limit_batches, batch_size,
+            backed, profile,
+        )  # fmt: skip
+    finally:
+        clock.restore()
+
+
+def _measure(
+    method, path, clock, epochs, accelerator, devices, limit_batches, batch_size, backed, profile
+) -> dict:
     import anndata as ad
     import numpy as np
     import scvi
     import torch
 
     import histovi
-    from histovi.data import _loader, _spatial
 
-    torch.set_num_threads(threads)
-    scvi.settings.seed = 0
-    scvi.settings.dl_num_workers = num_workers
     rss = {"start": _rss_gib()}
-    clock = _Clock()
-    clock.wrap(scvi.data.AnnTorchDataset, "__getitem__", "fetch")
-    clock.wrap(_loader.NeighborhoodDataset, "niche_counts", "niche")
-    clock.wrap(_spatial, "fit_spatial_prior", "spatial_prior_fit")
-
     t0 = time.perf_counter()
     adata = ad.read_h5ad(path, backed="r" if backed else None)
     read_sec = time.perf_counter() - t0
@@ -416,7 +438,11 @@ def table(rows: list[dict]) -> str:
         lines += ratio_lines
     if len(sizes) >= 2:
         big, small = sizes[-1], sizes[-2]
-        growth = ["", f"| method | {big:,} / {small:,} time per epoch | peak RSS |", "|---|---|---|"]
+        growth = [
+            "",
+            f"| method | {big:,} / {small:,} time per epoch | peak RSS |",
+            "|---|---|---|",
+        ]
         for m in METHODS:
             a, b = by.get((m, big)), by.get((m, small))
             if a and b:
