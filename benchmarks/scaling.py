@@ -173,6 +173,7 @@ class _Clock:
 
     def __init__(self):
         self.total: dict[str, float] = {}
+        self.peak_rise: dict[str, float] = {}
         self._wrapped: list = []
 
     def restore(self) -> None:
@@ -190,10 +191,14 @@ class _Clock:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
+            peak0 = _peak_rss_gib()
             try:
                 return fn(*args, **kwargs)
             finally:
                 clock.total[name] = clock.total.get(name, 0.0) + time.perf_counter() - t0
+                # how far the call raised the peak RSS (0 if it stayed under an earlier peak)
+                rise = _peak_rss_gib() - peak0
+                clock.peak_rise[name] = max(clock.peak_rise.get(name, 0.0), rise)
 
         setattr(owner, attr, timed)
 
@@ -286,6 +291,7 @@ def _measure(
     import histovi
 
     rss = {"start": _rss_gib()}
+    loadavg_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     adata = ad.read_h5ad(path, backed="r" if backed else None)
     read_sec = time.perf_counter() - t0
@@ -348,9 +354,11 @@ def _measure(
         gpu_peak = torch.cuda.max_memory_allocated() / 2**30
 
     t0 = time.perf_counter()
+    peak0 = _peak_rss_gib()
     latent = model.get_latent_representation()
     latent_sec = time.perf_counter() - t0
     rss["latent"] = _rss_gib()
+    latent_peak_rise = _peak_rss_gib() - peak0
 
     timed = timer.epochs[1:] or timer.epochs
     mean = {k: float(np.mean([e[k] for e in timed])) for k in timed[0]}
@@ -362,6 +370,7 @@ def _measure(
         {
             "n_sections": int(adata.obs["sample"].nunique()),
             "device": str(model.device),
+            "loadavg_start": loadavg_start,
             "torch_threads": torch.get_num_threads(),
             "batch_size": batch_size,
             "backed": backed,
@@ -388,7 +397,9 @@ def _measure(
             "rss_gib": rss,
             "peak_rss_train_gib": peak_train,
             "peak_rss_gib": _peak_rss_gib(),
+            "peak_rise_gib": {**clock.peak_rise, "get_latent_representation": latent_peak_rise},
             "gpu_peak_gib": gpu_peak,
+            "loadavg_end": os.getloadavg()[0],
             "epochs": timer.epochs,
         }
     )
