@@ -57,10 +57,18 @@ def test_niche_counts_are_the_neighbours_summed_counts(small_adata, kind):
         "csc": sp.csc_matrix(counts),
         "dense": counts.toarray(),
     }[kind]
-    _setup(adata, layer="counts")
+    if kind == "csc":
+        with pytest.warns(UserWarning, match="CSR"):  # scvi-tools' warning
+            _setup(adata, layer="counts")
+    else:
+        _setup(adata, layer="counts")
     model = HistoVI(adata, n_latent=4, n_hidden=16)
     rows = np.array([5, 0, 77, 300, 12])
-    loader = NeighborhoodDataLoader(model.adata_manager, indices=rows, batch_size=5)
+    if kind == "csc":
+        with pytest.warns(UserWarning, match="a copy of the counts"):
+            loader = NeighborhoodDataLoader(model.adata_manager, indices=rows, batch_size=5)
+    else:
+        loader = NeighborhoodDataLoader(model.adata_manager, indices=rows, batch_size=5)
     batch = next(iter(loader))
     expected = counts.toarray()[adata.obsm["spatial_neighbors"][rows]].sum(1)
     assert batch["niche_counts"].dtype == torch.float32

@@ -15,6 +15,8 @@ as scvi-tools' own dataset returns them.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 from scvi import REGISTRY_KEYS, settings
@@ -66,7 +68,15 @@ class NeighborhoodDataset(Dataset):
             counts = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
             if sp.issparse(counts):
                 # a reference to the registered matrix when it is CSR (no copy); row access
-                # needs CSR, so another sparse format is converted once
+                # needs CSR, so another sparse format is converted, a copy per loader
+                if counts.format != "csr":
+                    warnings.warn(
+                        f"The counts are a {counts.format.upper()} matrix: each data loader "
+                        "converts them to CSR, a copy of the counts. Store them as CSR "
+                        "(adata.X = adata.X.tocsr(), or the layer) before setup_anndata.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
                 counts = counts.tocsr()
             elif not _is_backed(counts):
                 counts = np.asarray(counts)
