@@ -119,7 +119,9 @@ _CHECK_SLICE = 1 << 22
 def check_finite_or_nan_rows(values: np.ndarray, key: str) -> np.ndarray:
     """Morphology-like views: a row is either all finite or all NaN (missing). Returns the mask."""
     try:
-        values = np.asarray(values, dtype=np.float64)
+        values = np.asarray(values)
+        if values.dtype.kind != "f":  # float32 embeddings are checked as they are, not copied
+            values = values.astype(np.float64)
     except (TypeError, ValueError) as err:
         raise ValueError(f"adata.obsm['{key}'] must hold numbers ({err}).") from err
     if np.isinf(values).any():
