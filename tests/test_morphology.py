@@ -365,3 +365,172 @@ def test_her2st_tiles_land_on_tissue():
     names = list(adata.uns["histovi"]["morphology"]["feature_names"])
     emb = adata.obsm["X_morphology"][:, names.index("H_locstd_2um")]
     assert np.nanmedian(emb) > 0.05
+
+
+# ------------------------------------------------------------------ resumable embedding
+def _simulated_with_images():
+    import histovi
+
+    return histovi.datasets.simulate(
+        n_patients=2,
+        n_sections_per_patient=2,
+        grid_size=(8, 8),
+        n_genes=125,
+        n_markers=5,
+        morphology_dim=4,
+        with_images=True,
+        seed=0,
+    )
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def _interrupt_after(monkeypatch, n_sections: int):
+    """Make embed_morphology stop (as a crash would) once ``n_sections`` sections are saved."""
+    from histovi.pp import _morphology
+
+    original = _morphology._SectionStore.save_section
+    saved = []
+
+    def save_then_crash(self, plan, *args, **kwargs):
+        original(self, plan, *args, **kwargs)
+        saved.append(plan["section"].name)
+        if len(saved) == n_sections:
+            raise _Interrupted(plan["section"].name)
+
+    monkeypatch.setattr(_morphology._SectionStore, "save_section", save_then_crash)
+    return saved
+
+
+def _embedded_sections(monkeypatch) -> list:
+    """Names of the sections whose tiles are read from here on."""
+    from histovi.pp import _morphology
+
+    original = _morphology._chroma_threshold
+    names = []
+
+    def spy(plan):
+        names.append(plan["section"].name)
+        return original(plan)
+
+    monkeypatch.setattr(_morphology, "_chroma_threshold", spy)
+    return names
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stain_normalization": "macenko", "n_components": 5}],
+    ids=["stain-texture", "macenko+pca"],
+)
+def test_checkpoint_dir_resumes_after_an_interruption(tmp_path, monkeypatch, kwargs):
+    adata = _simulated_with_images()
+    with_image = [s for s, e in adata.uns["spatial"].items() if "images" in e]
+    assert len(with_image) == 3  # the last section has no image (NaN rows)
+    full = adata.copy()
+    with pytest.warns(UserWarning, match="no image"):
+        embed_morphology(full, **FAST, **kwargs)
+
+    ckpt = tmp_path / "ckpt"
+    first = adata.copy()
+    with monkeypatch.context() as m:
+        saved = _interrupt_after(m, 2)
+        with pytest.warns(UserWarning, match="no image"), pytest.raises(_Interrupted):
+            embed_morphology(first, checkpoint_dir=ckpt, **FAST, **kwargs)
+    assert saved == with_image[:2]
+    assert len(list(ckpt.glob("section_*.npz"))) == 2
+    assert not list(ckpt.glob(".*.tmp"))  # no partial file left behind
+    assert (ckpt / "stain.json").exists() == ("stain_normalization" in kwargs)
+
+    resumed = adata.copy()
+    with monkeypatch.context() as m:
+        read = _embedded_sections(m)
+        with pytest.warns(UserWarning, match="no image"):
+            embed_morphology(resumed, checkpoint_dir=ckpt, **FAST, **kwargs)
+    assert read == with_image[2:]  # the saved sections' images were not read again
+    np.testing.assert_array_equal(resumed.obsm["X_morphology"], full.obsm["X_morphology"])
+    np.testing.assert_array_equal(resumed.obs["morphology_valid"], full.obs["morphology_valid"])
+    rec, ref = resumed.uns["histovi"]["morphology"], full.uns["histovi"]["morphology"]
+    assert set(rec["sections"]) == set(ref["sections"])
+    for name in with_image:
+        assert rec["sections"][name] == pytest.approx(ref["sections"][name])
+
+    # a finished run again: nothing is read, the same result
+    again = adata.copy()
+    with monkeypatch.context() as m:
+        read = _embedded_sections(m)
+        with pytest.warns(UserWarning, match="no image"):
+            embed_morphology(again, checkpoint_dir=ckpt, **FAST, **kwargs)
+    assert read == []
+    np.testing.assert_array_equal(again.obsm["X_morphology"], full.obsm["X_morphology"])
+
+
+def test_checkpoint_dir_refuses_other_settings(tmp_path):
+    adata = _simulated_with_images()
+    ckpt = tmp_path / "ckpt"
+    with pytest.warns(UserWarning, match="no image"):
+        embed_morphology(adata.copy(), checkpoint_dir=ckpt, **FAST)
+    other = {**FAST, "tile_size_um": 80.0}
+    with pytest.warns(UserWarning, match="no image"), pytest.raises(ValueError, match="tile_px"):
+        embed_morphology(adata.copy(), checkpoint_dir=ckpt, **other)
+    # other spots under the same section name
+    moved = adata.copy()
+    moved.obsm["spatial"] = moved.obsm["spatial"] + 3.0
+    with pytest.warns(UserWarning, match="no image"), pytest.raises(ValueError, match="centres"):
+        embed_morphology(moved, checkpoint_dir=ckpt, **FAST)
+
+
+def test_checkpoint_dir_with_a_random_timm_model(tmp_path, monkeypatch):
+    adata = _simulated_with_images()
+    adata = adata[adata.obs["sample"].isin(["P1_S1", "P1_S2"])].copy()
+    import timm
+
+    torch.manual_seed(0)  # one random model for every call (weights cannot be downloaded)
+    model = timm.create_model("test_convnext", pretrained=False, num_classes=0)
+    kwargs = {"encoder": model, "transform": _small_transform(), "device": "cpu", **FAST}
+    full = adata.copy()
+    embed_morphology(full, **kwargs)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(_Interrupted):
+            embed_morphology(adata.copy(), checkpoint_dir=ckpt, **kwargs)
+    resumed = adata.copy()
+    embed_morphology(resumed, checkpoint_dir=ckpt, **kwargs)
+    np.testing.assert_array_equal(resumed.obsm["X_morphology"], full.obsm["X_morphology"])
+
+
+def test_decoded_images_are_released_section_by_section(he_adata, tmp_path, monkeypatch):
+    """Image files decoded whole (PNG / JPEG) are held for one section at a time, not all of
+    them until the end."""
+    from PIL import Image
+
+    from histovi.io import _image_source
+
+    files = _fresh(he_adata)
+    files.uns["spatial"] = {}
+    for s, entry in he_adata.uns["spatial"].items():
+        Image.fromarray(entry["images"]["hires"]).save(tmp_path / f"{s}.png")
+        files.uns["spatial"][s] = {
+            "image_file": f"{s}.png",
+            "scalefactors": dict(entry["scalefactors"]),
+        }
+    sources, held = [], []
+    init, open_ = _image_source.FileSource.__init__, _image_source.FileSource._open
+
+    def track_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sources.append(self)
+
+    def track_open(self):
+        out = open_(self)
+        held.append(sum(src._handle is not None for src in sources))
+        return out
+
+    monkeypatch.setattr(_image_source.FileSource, "__init__", track_init)
+    monkeypatch.setattr(_image_source.FileSource, "_open", track_open)
+    embed_morphology(files, image_dir=tmp_path, **FAST)
+    assert len(sources) == 2 and held and max(held) == 1
+    assert all(src._handle is None for src in sources)
+    assert files.obs["morphology_valid"].all()

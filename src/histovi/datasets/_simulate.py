@@ -68,8 +68,27 @@ def _hex_grid(n_rows: int, n_cols: int) -> np.ndarray:
     return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
 
 
-def _neighbour_ring(xy: np.ndarray) -> np.ndarray:
-    """Boolean (n, n) matrix of each spot's ring of nearest neighbours on the hexagonal grid."""
+#: Sections with more spots than this get a sparse ring matrix: the dense one (and the pairwise
+#: distances behind it) grows with the square of the spots, 10 GB for a 160 x 160 grid. Smaller
+#: sections keep the dense product, whose floating-point sums (and so the simulated counts) the
+#: sparse one does not reproduce bit for bit.
+_DENSE_RING_MAX_SPOTS = 4096
+
+
+def _neighbour_ring(xy: np.ndarray) -> np.ndarray | sp.csr_matrix:
+    """(n, n) matrix of each spot's ring of nearest neighbours on the hexagonal grid: boolean
+    and dense up to ``_DENSE_RING_MAX_SPOTS`` spots, a sparse 0/1 matrix above."""
+    if len(xy) > _DENSE_RING_MAX_SPOTS:
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(xy).query_pairs(1.1 * SPOT_SPACING_UM, output_type="ndarray")
+        rows = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        cols = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        ring = sp.csr_matrix(
+            (np.ones(len(rows)), (rows, cols)), shape=(len(xy), len(xy)), dtype=np.float64
+        )
+        ring.sort_indices()
+        return ring
     d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
     return (d2 > 0) & (d2 < (1.1 * SPOT_SPACING_UM) ** 2)
 
@@ -77,7 +96,8 @@ def _neighbour_ring(xy: np.ndarray) -> np.ndarray:
 def _mix_with_ring(values: np.ndarray, ring: np.ndarray, spot_mixing: float) -> np.ndarray:
     """Blend each row with the mean of its ring of neighbours (spots capture their neighbours'
     mRNA): ``(1 - spot_mixing) * own + spot_mixing * ring mean``."""
-    neigh_mean = (ring @ values) / np.maximum(ring.sum(1, keepdims=True), 1)
+    n_ring = np.asarray(ring.sum(1)).reshape(-1, 1)
+    neigh_mean = np.asarray(ring @ values) / np.maximum(n_ring, 1)
     return (1 - spot_mixing) * values + spot_mixing * neigh_mean
 
 

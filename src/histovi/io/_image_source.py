@@ -153,6 +153,10 @@ class FileSource(_Source):
         state["_handle"] = None  # each worker opens its own
         return state
 
+    def release(self) -> None:
+        """Drop the decoded image / open file (read again on the next ``read``)."""
+        self._handle = None
+
     def _open(self) -> Any:
         if self._handle is not None and self._handle[0] == self.level:
             return self._handle[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -187,6 +188,7 @@ def embed_morphology(
     seed: int = 0,
     copy: bool = False,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> Any:
     """Embed the H&E tile around every spot with an image encoder.
 
@@ -194,8 +196,10 @@ def embed_morphology(
     read at the image resolution closest to ``target_mpp`` (pyramid level / JPEG scale), resized
     to ``round(tile_size_um / target_mpp)`` pixels, optionally stain-normalised and encoded.
     Tiles are streamed: at most ``batch_size`` tiles per worker plus the image region they need
-    are held at a time (baseline JPEG/PNG files are decoded once per section; TIFF, zarr and
-    SpatialData images are read region by region).
+    are held at a time (baseline JPEG/PNG files are decoded once per section and released when
+    the section is done, so many large images do not accumulate in memory; TIFF, zarr and
+    SpatialData images are read region by region). With ``checkpoint_dir`` each finished
+    section is saved, and a rerun after an interruption skips the sections already embedded.
 
     Parameters
     ----------
@@ -264,6 +268,15 @@ def embed_morphology(
         Return a modified copy instead of writing into ``data`` (AnnData only).
     progress
         Show a tqdm progress bar.
+    checkpoint_dir
+        Folder where each section's embedding is saved as soon as the section is done (one
+        ``.npz`` file per section, written atomically; the stain-normalisation parameters too).
+        Run the same call again after an interruption: sections found there are loaded instead
+        of embedded again (their images are not read), and only the rest is computed. The
+        result is the same as that of an uninterrupted run. A section saved with other settings
+        (encoder or its weights, tile geometry, stain normalisation, spots) is refused with what
+        differs: use another folder or delete it. The PCA of ``n_components`` is fitted at the
+        end over all sections, so the files hold the encoder's features.
 
     Returns
     -------
@@ -402,27 +415,50 @@ def embed_morphology(
     _check_geometry(plans, spatial_key)
 
     # ---------------- stain normalisation ---------------------------------------------------
+    store = None
+    if checkpoint_dir is not None:
+        store = _SectionStore(
+            checkpoint_dir,
+            {
+                **enc.describe(),
+                "feature_dim": enc.dim,
+                "tile_size_um": tile_size_um,
+                "target_mpp": target_mpp,
+                "tile_px": tile_px,
+                "min_tissue_fraction": min_tissue_fraction,
+                "stain_normalization": stain_normalization or "none",
+                "seed": seed,
+            },
+        )
     norm_rec: dict[str, Any] = {}
     stain_fns: dict[str, Callable] = {}
     if stain_normalization is not None:
         normalizer = make_normalizer(stain_normalization)
-        fit_tiles = {
-            p["section"].name: _sample_tiles(p, tile_px, min_tissue_fraction, seed) for p in plans
-        }
-        if rec:
-            target = {k: np.asarray(v) for k, v in rec["normalizer"]["target"].items()}
+        saved = store.load_stain(plans) if store is not None else None
+        if saved is not None:
+            target, sources = saved
         else:
-            pooled = [t for ts in fit_tiles.values() for t in ts]
-            target = fit_from_tiles(normalizer, pooled, seed=seed)
-        sources = {}
-        for name, tiles in fit_tiles.items():
-            if not tiles:
-                continue
-            try:
-                sources[name] = fit_from_tiles(normalizer, tiles, seed=seed)
-            except ValueError:
-                sources[name] = target  # too little stain to fit: leave that section as is
-            stain_fns[name] = _StainFn(normalizer, sources[name], target)
+            fit_tiles = {}
+            for p in plans:
+                fit_tiles[p["section"].name] = _sample_tiles(p, tile_px, min_tissue_fraction, seed)
+                _release(p["source"])
+            if rec:
+                target = {k: np.asarray(v) for k, v in rec["normalizer"]["target"].items()}
+            else:
+                pooled = [t for ts in fit_tiles.values() for t in ts]
+                target = fit_from_tiles(normalizer, pooled, seed=seed)
+            sources = {}
+            for name, tiles in fit_tiles.items():
+                if not tiles:
+                    continue
+                try:
+                    sources[name] = fit_from_tiles(normalizer, tiles, seed=seed)
+                except ValueError:
+                    sources[name] = target  # too little stain to fit: leave that section as is
+            if store is not None:
+                store.save_stain(plans, target, sources)
+        for name, source_params in sources.items():
+            stain_fns[name] = _StainFn(normalizer, source_params, target)
         norm_rec = {"method": stain_normalization, "target": target, "source": sources}
 
     # ---------------- embed ----------------------------------------------------------------
@@ -433,6 +469,13 @@ def embed_morphology(
     per_section = {}
     for p in plans:
         sec = p["section"]
+        done = store.load_section(p, norm_rec) if store is not None else None
+        if done is not None:
+            emb[sec.rows], valid[sec.rows] = done["embedding"], done["valid"]
+            per_section[sec.name] = done["info"]
+            bar.update(len(sec.rows))
+            continue
+        _chroma_threshold(p)
         ds = _TileDataset(
             p["source"],
             p["centres_px"],
@@ -458,6 +501,8 @@ def embed_morphology(
                 emb[sec.rows[idx[ok]]] = out
             valid[sec.rows[idx[ok]]] = True
             bar.update(len(idx))
+        del loader, ds
+        _release(p["source"])  # a decoded JPEG/PNG is not kept past its section
         per_section[sec.name] = {
             "image": str(getattr(p["source"], "label", "")),
             "level": int(p["source"].level),
@@ -467,6 +512,8 @@ def embed_morphology(
             "n_spots": len(sec.rows),
             "n_valid": int(valid[sec.rows].sum()),
         }
+        if store is not None:
+            store.save_section(p, norm_rec, emb[sec.rows], valid[sec.rows], per_section[sec.name])
     bar.close()
     # an encoder may return non-finite features on odd tiles: treat them as invalid, never as 0
     bad = valid & ~np.isfinite(emb).all(axis=1)
@@ -522,6 +569,172 @@ def embed_morphology(
             stacklevel=2,
         )
     return adata if copy else None
+
+
+class _SectionStore:
+    """Finished sections of one embedding run in ``checkpoint_dir`` (``embed_morphology``).
+
+    One ``section_<hash of its name>.npz`` per section: its rows of the embedding (the encoder's
+    features, before any PCA), their validity, the per-section record, and what they were
+    computed from (``meta``: the encoder and its weights, the tile geometry, the stain
+    normalisation, the section's image and spot centres). ``stain.json`` holds the fitted stain
+    parameters. Every file is written to a temporary name and renamed, so an interruption
+    leaves either the whole file or none.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any]):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.settings = {k: _jsonable(v) for k, v in settings.items()}
+
+    # ---------------------------------------------------------------- sections
+    def _path(self, name: str):
+        import hashlib
+
+        return self.folder / f"section_{hashlib.sha1(name.encode()).hexdigest()[:16]}.npz"
+
+    def _meta(self, plan: Mapping[str, Any], norm_rec: Mapping[str, Any]) -> dict[str, Any]:
+        sec, source = plan["section"], plan["source"]
+        stain = (norm_rec or {}).get("source", {}).get(sec.name)
+        return {
+            **self.settings,
+            "section": sec.name,
+            "n_spots": len(sec.rows),
+            "spot_centres_sha256": _digest(np.asarray(plan["centres_px"], np.float64)),
+            "image": str(getattr(source, "label", "")),
+            "level": int(source.level),
+            "stain_source_sha256": _digest(stain) if stain is not None else "none",
+            "stain_target_sha256": (
+                _digest((norm_rec or {}).get("target")) if norm_rec else "none"
+            ),
+        }
+
+    def load_section(self, plan, norm_rec) -> dict[str, Any] | None:
+        path = self._path(plan["section"].name)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                out = {
+                    "embedding": np.asarray(f["embedding"], np.float32),
+                    "valid": np.asarray(f["valid"], bool),
+                    "info": json.loads(str(f["info"])),
+                }
+        except Exception as err:  # noqa: BLE001 - any unreadable file is embedded again
+            warnings.warn(
+                f"checkpoint {str(path)!r} of section {plan['section'].name!r} cannot be read "
+                f"({type(err).__name__}): the section is embedded again",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        self._compare(meta, self._meta(plan, norm_rec), f"section {plan['section'].name!r}")
+        return out
+
+    def save_section(self, plan, norm_rec, embedding, valid, info) -> None:
+        meta = self._meta(plan, norm_rec)
+
+        def write(f):
+            np.savez(
+                f,
+                embedding=np.asarray(embedding, np.float32),
+                valid=np.asarray(valid, bool),
+                meta=np.array(json.dumps(meta)),
+                info=np.array(json.dumps(_jsonable(info))),
+            )
+
+        _atomic_write(self._path(plan["section"].name), write)
+
+    # ---------------------------------------------------------------- stain parameters
+    def _stain_meta(self, plans) -> dict[str, Any]:
+        return {
+            **self.settings,
+            "sections": [
+                [
+                    p["section"].name,
+                    _digest(np.asarray(p["centres_px"], np.float64)),
+                    str(getattr(p["source"], "label", "")),
+                    int(p["source"].level),
+                ]
+                for p in plans
+            ],
+        }
+
+    def load_stain(self, plans):
+        path = self.folder / "stain.json"
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        self._compare(saved["meta"], self._stain_meta(plans), "the stain normalisation")
+
+        def arrays(params):
+            return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+
+        return arrays(saved["target"]), {k: arrays(v) for k, v in saved["source"].items()}
+
+    def save_stain(self, plans, target, sources) -> None:
+        record = {
+            "meta": self._stain_meta(plans),
+            "target": _jsonable(target),
+            "source": {k: _jsonable(v) for k, v in sources.items()},
+        }
+        text = json.dumps(record)
+        _atomic_write(self.folder / "stain.json", lambda f: f.write(text.encode()))
+
+    def _compare(self, saved: Mapping[str, Any], now: Mapping[str, Any], what: str) -> None:
+        now = json.loads(json.dumps(_jsonable(now)))  # as it reads back from the file
+        differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if differ:
+            detail = "; ".join(
+                f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:4]
+            )
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r} holds {what} embedded with other settings "
+                f"or data ({detail}): pass another checkpoint_dir, or delete that folder to embed "
+                "again"
+            )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value).tobytes() + str(value.shape).encode()
+    else:
+        data = json.dumps(_jsonable(value), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed, then renamed to it."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _encoder_from_record(rec: Mapping[str, Any]) -> Any:
@@ -586,8 +799,23 @@ def _plan(sec: Section, target_mpp: float, tile_size_um: float) -> dict[str, Any
         "centres_px": centres_px,
         "half": tile_size_um / mpp / 2.0,
         "order": order.tolist(),
-        "chroma_threshold": estimate_chroma_threshold(source),
+        # estimated when the section's tiles are first read (_chroma_threshold): estimating it
+        # here would decode every JPEG/PNG of the study before the first one is embedded
+        "chroma_threshold": None,
     }
+
+
+def _chroma_threshold(plan: dict[str, Any]) -> float:
+    """The section's glass/tissue chroma threshold, estimated once from its image."""
+    if plan["chroma_threshold"] is None:
+        plan["chroma_threshold"] = estimate_chroma_threshold(plan["source"])
+    return plan["chroma_threshold"]
+
+
+def _release(source: Any) -> None:
+    """Drop a file source's decoded image (it is decoded again if read again)."""
+    if hasattr(source, "release"):
+        source.release()
 
 
 def _sample_tiles(plan: Mapping[str, Any], tile_px: int, min_tissue: float, seed: int) -> list:
@@ -602,7 +830,7 @@ def _sample_tiles(plan: Mapping[str, Any], tile_px: int, min_tissue: float, seed
         tile_px,
         min_tissue,
         None,
-        chroma_threshold=plan["chroma_threshold"],
+        chroma_threshold=_chroma_threshold(plan),
     )
     tiles = []
     for i in np.sort(idx):
