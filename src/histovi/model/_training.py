@@ -519,7 +519,7 @@ class HistoTrainingPlan(TrainingPlan):
         value = loss["loss"] if isinstance(loss, dict) else loss
         if not bool(torch.isfinite(value).all()):
             # a NaN input is the commonest cause and the most useful name: a likelihood that
-            # does not validate its parameters (Poisson niche) lets it through to the loss
+            # does not validate its parameters lets it through to the loss
             where = f"epoch {self.current_epoch}, minibatch {batch_idx}"
             names = self._nonfinite_input_names(batch)
             if names:
