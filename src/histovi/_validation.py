@@ -9,6 +9,11 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 
+def is_whole_number(value, minimum: int = 1) -> bool:
+    """``value`` is an integer (not a bool, which Python counts as one) of at least ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= minimum
+
+
 def obs_names_digest(adata: AnnData) -> str:
     """Short digest of ``obs_names``: detects that row numbers refer to another AnnData."""
     h = hashlib.sha1()

@@ -10,6 +10,7 @@ from anndata import AnnData
 
 from .._constants import LATENT_KEY
 from .._threads import keeps_torch_threads
+from .._validation import is_whole_number
 from ..tl._utils import as_str_array, check_adata, get_obs_column, get_rep, labelled_mask
 
 #: (metric, kind) in the order of the returned table. Higher is better for all of them.
@@ -86,11 +87,7 @@ def integration_scores(
             f"the labelled spots come from a single batch of adata.obs['{batch_key}']: batch "
             "mixing needs labelled spots in at least two batches; pass another `batch_key`."
         )
-    if (
-        isinstance(n_neighbors, bool)
-        or not isinstance(n_neighbors, int | np.integer)
-        or n_neighbors < 3
-    ):
+    if not is_whole_number(n_neighbors, minimum=3):
         raise ValueError(
             f"`n_neighbors`={n_neighbors!r} must be a whole number >= 3 (the kNN graph includes "
             "each spot itself; scib-metrics' default is 90)."

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._training import fsync_dir
+from .._files import fsync_dir
 
 MODEL_FILE = "model.pt"
 #: attribute saved with every model (scvi-tools saves attributes whose name ends in ``_``)

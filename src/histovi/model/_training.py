@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from scvi.train import TrainingPlan, TrainRunner
+
+from .._files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -226,34 +226,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` through a temporary file in the same folder (then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -402,24 +375,16 @@ class DivergenceCallback(Callback):
 def check_train_args(model, max_epochs, batch_size) -> None:
     """Arguments of :meth:`HistoVI.train` checked before any work, and the registered data
     checked again (it may have been changed in place since ``setup_anndata``)."""
-    from .._validation import check_counts, check_neighbors
+    from .._validation import check_counts, check_neighbors, is_whole_number
     from ..module._module import NEIGHBORS_REGISTRY_KEY
     from ._checks import check_trainable
 
-    if max_epochs is not None and (
-        isinstance(max_epochs, bool)
-        or not isinstance(max_epochs, int | np.integer)
-        or max_epochs < 1
-    ):
+    if max_epochs is not None and not is_whole_number(max_epochs):
         raise ValueError(
             f"max_epochs={max_epochs!r}: pass a positive whole number of epochs, or None for the "
             "default rule (histovi.model.default_max_epochs)."
         )
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size < 1
-    ):
+    if not is_whole_number(batch_size):
         raise ValueError(f"batch_size={batch_size!r}: pass a positive whole number of spots.")
     check_trainable(model)
     manager = model.adata_manager

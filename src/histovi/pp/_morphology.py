@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
+from .._files import atomic_write
 from .._threads import keeps_torch_threads
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
@@ -646,7 +647,7 @@ class _SectionStore:
                 info=np.array(json.dumps(_jsonable(info))),
             )
 
-        _atomic_write(self._path(plan["section"].name), write)
+        atomic_write(self._path(plan["section"].name), write)
 
     # ---------------------------------------------------------------- stain parameters
     def _stain_meta(self, plans) -> dict[str, Any]:
@@ -682,7 +683,7 @@ class _SectionStore:
             "source": {k: _jsonable(v) for k, v in sources.items()},
         }
         text = json.dumps(record)
-        _atomic_write(self.folder / "stain.json", lambda f: f.write(text.encode()))
+        atomic_write(self.folder / "stain.json", lambda f: f.write(text.encode()))
 
     def _compare(self, saved: Mapping[str, Any], now: Mapping[str, Any], what: str) -> None:
         now = json.loads(json.dumps(_jsonable(now)))  # as it reads back from the file
@@ -718,23 +719,6 @@ def _digest(value: Any) -> str:
     else:
         data = json.dumps(_jsonable(value), sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path, write: Callable) -> None:
-    """``write(file)`` into a temporary file beside ``path``, flushed, then renamed to it."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _encoder_from_record(rec: Mapping[str, Any]) -> Any:

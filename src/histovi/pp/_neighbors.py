@@ -10,7 +10,13 @@ import numpy as np
 from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY, SPATIAL_KEY, UNS_KEY
-from .._validation import obs_names_digest, require_adata, require_obs, require_obsm
+from .._validation import (
+    is_whole_number,
+    obs_names_digest,
+    require_adata,
+    require_obs,
+    require_obsm,
+)
 
 
 def spatial_neighbors(
@@ -43,11 +49,7 @@ def spatial_neighbors(
     import squidpy as sq
 
     require_adata(adata)
-    if (
-        isinstance(n_neighbors, bool)
-        or not isinstance(n_neighbors, int | np.integer)
-        or n_neighbors < 1
-    ):
+    if not is_whole_number(n_neighbors):
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
     coords = require_obsm(
         adata,
