@@ -702,13 +702,13 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         if spatial is None:
             spatial = has_prior
         scale = "spot" if spatial is True else spatial
+        if scale not in (False, "spot", "domain"):
+            raise ValueError(f"spatial={spatial!r}: pass 'spot', 'domain', True or False.")
         if scale and not has_prior:
             raise ValueError(
                 f"spatial={spatial!r} needs a model with a spatial prior: register the neighbour "
                 "graph (setup_anndata(..., neighbors_key=...)) and keep spatial_prior=True."
             )
-        if scale not in (False, "spot", "domain"):
-            raise ValueError(f"spatial={spatial!r}: pass 'spot', 'domain', True or False.")
         if not scale or kwargs.get("dataloader") is not None:
             return super().get_latent_representation(
                 adata=adata,
