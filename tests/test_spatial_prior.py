@@ -37,7 +37,9 @@ def test_on_by_default_with_neighbours_off_without(small_adata):
     with pytest.raises(ValueError, match="spatial_prior"):
         model.get_latent_representation(spatial=True)
     # a misspelled scale names the argument and the values it takes
-    with pytest.raises(ValueError, match=r"spatial='dommain': pass 'spot', 'domain', True or False"):
+    with pytest.raises(
+        ValueError, match=r"spatial='dommain': pass 'spot', 'domain', True or False"
+    ):
         model.get_latent_representation(spatial="dommain")
 
 
