@@ -65,6 +65,15 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
         "morphology_scale_effect": 0.3,
         "sections_without_image": 0,
     },
+    # ... and misleading: besides the shift, a smooth nuisance across each section (uneven
+    # staining) that per-section standardisation cannot remove, stronger than the signal
+    "sim_adverse_view": {
+        "morphology_signal": 0.4,
+        "morphology_batch_effect": 2.0,
+        "morphology_scale_effect": 0.3,
+        "morphology_gradient": 2.0,
+        "sections_without_image": 0,
+    },
     # layered (cortex-like) tissue, histovi.datasets.simulate_layers() defaults: 3 donors with
     # 4, 2 and 2 sections, 7 layers carried mostly by depth and neighbourhood, weak morphology
     "sim_layers": {"simulator": "layers"},

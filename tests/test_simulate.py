@@ -264,11 +264,38 @@ def test_simulate_weak_view_on_every_section():
     np.testing.assert_array_equal(base.obsm["X_morphology"], again.obsm["X_morphology"])
 
 
+def test_morphology_gradient_misleads_within_sections_only():
+    kwargs = dict(n_patients=2, grid_size=(12, 12), n_genes=150, morphology_dim=8, seed=4)
+    base = simulate(**kwargs)
+    graded = simulate(**kwargs, morphology_gradient=3.0)
+    # the counts (and everything else) are those of the same seed without the gradient
+    np.testing.assert_array_equal(base.X.toarray(), graded.X.toarray())
+    extra = graded.obsm["X_morphology"] - base.obsm["X_morphology"]
+    finite = np.isfinite(extra).all(1)
+    assert finite.sum() > 0
+    for sample in graded.obs["sample"].unique():
+        rows = (graded.obs["sample"] == sample).to_numpy() & finite
+        if not rows.any():
+            continue
+        d = extra[rows]
+        # one direction of the embedding times the position along one axis of the section:
+        # it varies within the section, so per-section standardisation does not remove it
+        assert np.linalg.matrix_rank(d, tol=1e-4) == 1
+        assert d.std(0).max() > 1.0
+        xy = graded.obsm["spatial"][rows]
+        top = np.argmax(np.abs(d).sum(0))
+        design = np.c_[xy, np.ones(len(xy))]
+        fitted = design @ np.linalg.lstsq(design, d[:, top], rcond=None)[0]
+        assert np.corrcoef(fitted, d[:, top])[0, 1] > 0.999  # linear in position
+
+
 def test_benchmark_layers_scenario_loads():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import _data
 
-    assert {"sim_layers", "sim_layers_tiny", "sim_weak_view"} <= set(_data.SCENARIOS)
+    assert {"sim_layers", "sim_layers_tiny", "sim_weak_view", "sim_adverse_view"} <= set(
+        _data.SCENARIOS
+    )
     adata = _data.load_sim("sim_layers_tiny")
     assert list(adata.obs[_data.LABEL_KEY].cat.categories) == list(LAYERS)
     assert adata.uns["benchmark"]["simulator"] == "simulate_layers"

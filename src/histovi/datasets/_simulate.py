@@ -135,6 +135,17 @@ def _section_morphology(
     return m * np.exp(rng.normal(0, scale_effect)) + rng.normal(0, batch_effect, dim)
 
 
+def _morphology_gradient(xy: np.ndarray, dim: int, strength: float, rng: np.random.Generator):
+    """A smooth nuisance across one section (uneven staining, illumination, section thickness):
+    the spot's position along a random axis of the section, in [-1, 1], times a random direction
+    of the embedding with sd ``strength`` per dimension. Unrelated to the domains, it survives
+    per-section standardisation and pulls neighbouring spots together in the image view."""
+    angle = rng.uniform(0, 2 * np.pi)
+    t = xy @ np.array([np.cos(angle), np.sin(angle)])
+    t = 2 * (t - t.min()) / max(t.max() - t.min(), 1e-9) - 1
+    return strength * t[:, None] * rng.normal(0, 1.0, dim)[None, :]
+
+
 def _jitter_coords(xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Spot centres in µm (= full-resolution pixels) with sub-pixel jitter; the one-spacing offset
     keeps pixel coordinates positive (images are drawn from pixel 0, as on a real slide scan)."""
@@ -260,6 +271,7 @@ def simulate(
     morphology_signal: float = 1.5,
     morphology_batch_effect: float = 1.0,
     morphology_scale_effect: float = 0.15,
+    morphology_gradient: float = 0.0,
     sections_without_image: int = 1,
     absent_domains: bool = True,
     with_images: bool = False,
@@ -293,6 +305,11 @@ def simulate(
         by ``exp(N(0, morphology_scale_effect))``. A weak, strongly section-shifted view on every
         section is e.g. ``morphology_signal=0.4, morphology_batch_effect=2.0,
         morphology_scale_effect=0.3, sections_without_image=0``.
+    morphology_gradient
+        Standard deviation per dimension of a smooth nuisance across each section of the image
+        view (uneven staining or illumination: the position along a random axis of the section
+        times a random direction of the embedding; 0, the default, adds none). Unlike the stain
+        shift it is not removed by per-section standardisation: a view that misleads.
     sections_without_image
         Number of sections (the last ones) whose morphology is missing (NaN rows), as in studies
         where some sections have no H&E image.
@@ -335,6 +352,7 @@ def simulate(
         programmes[p, markers[p]] += marker_lfc * rng.uniform(0.7, 1.3, n_markers)
     morph_means = rng.normal(0, morphology_signal, (n_morph_classes, morphology_dim))
     fm_rng = np.random.default_rng([seed, 7])
+    gradient_rng = np.random.default_rng([seed, 11])
     fm_dim = int(expression_embedding_dim)
     fm_proj = fm_rng.normal(0, 2.0, (n_programmes, max(fm_dim, 1)))
     fm = []
@@ -378,6 +396,10 @@ def simulate(
             m = _section_morphology(
                 morph_means[mclass], morphology_batch_effect, morphology_scale_effect, rng
             )
+            if morphology_gradient > 0:
+                # own generator: the counts and the rest of the study stay those of the same seed
+                # without the gradient
+                m = m + _morphology_gradient(xy, morphology_dim, morphology_gradient, gradient_rng)
             if section_index >= n_sections - sections_without_image:
                 m[:] = np.nan
                 without_image.append(sample)
