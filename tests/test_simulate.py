@@ -287,6 +287,8 @@ def test_morphology_gradient_misleads_within_sections_only():
         design = np.c_[xy, np.ones(len(xy))]
         fitted = design @ np.linalg.lstsq(design, d[:, top], rcond=None)[0]
         assert np.corrcoef(fitted, d[:, top])[0, 1] > 0.999  # linear in position
+    with pytest.raises(ValueError, match="morphology_gradient"):
+        simulate(**kwargs, morphology_gradient=-1.0)
 
 
 def test_benchmark_layers_scenario_loads():

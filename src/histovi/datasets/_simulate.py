@@ -340,6 +340,10 @@ def simulate(
         raise ValueError(f"grid_size={grid_size} is too small: use at least (8, 8) spots.")
     if n_genes < 5 * n_markers:
         raise ValueError(f"n_genes={n_genes} must be at least 5 * n_markers ({5 * n_markers}).")
+    if not morphology_gradient >= 0:
+        raise ValueError(
+            f"morphology_gradient={morphology_gradient} must be >= 0 (0: no staining gradient)."
+        )
     rng = np.random.default_rng(seed)
     n_programmes = 5
     n_morph_classes = 6
