@@ -38,6 +38,14 @@ FM_DIM = 16
 #: default ``"tumour"``).
 SIMULATORS: dict[str, str] = {"tumour": "simulate", "layers": "simulate_layers"}
 
+#: A weak image view, strongly shifted per section, on every section (``simulate`` arguments).
+_WEAK_VIEW: dict[str, Any] = {
+    "morphology_signal": 0.4,
+    "morphology_batch_effect": 2.0,
+    "morphology_scale_effect": 0.3,
+    "sections_without_image": 0,
+}
+
 #: Simulator scenarios: name -> keyword arguments of the simulator, plus an optional
 #: ``"simulator"`` entry naming it (:data:`SIMULATORS`; default :func:`histovi.datasets.simulate`).
 #: The default tumour study already holds a morphology-only pair (gland / gland_in_situ) and a
@@ -59,21 +67,10 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
         "morphology_dim": 8,
     },
     # the tumour study with a weak, strongly section-shifted morphology view on every section
-    "sim_weak_view": {
-        "morphology_signal": 0.4,
-        "morphology_batch_effect": 2.0,
-        "morphology_scale_effect": 0.3,
-        "sections_without_image": 0,
-    },
+    "sim_weak_view": _WEAK_VIEW,
     # ... and misleading: besides the shift, a smooth nuisance across each section (uneven
     # staining) that per-section standardisation cannot remove, stronger than the signal
-    "sim_adverse_view": {
-        "morphology_signal": 0.4,
-        "morphology_batch_effect": 2.0,
-        "morphology_scale_effect": 0.3,
-        "morphology_gradient": 2.0,
-        "sections_without_image": 0,
-    },
+    "sim_adverse_view": {**_WEAK_VIEW, "morphology_gradient": 2.0},
     # layered (cortex-like) tissue, histovi.datasets.simulate_layers() defaults: 3 donors with
     # 4, 2 and 2 sections, 7 layers carried mostly by depth and neighbourhood, weak morphology
     "sim_layers": {"simulator": "layers"},

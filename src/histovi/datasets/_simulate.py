@@ -135,7 +135,9 @@ def _section_morphology(
     return m * np.exp(rng.normal(0, scale_effect)) + rng.normal(0, batch_effect, dim)
 
 
-def _morphology_gradient(xy: np.ndarray, dim: int, strength: float, rng: np.random.Generator):
+def _morphology_gradient(
+    xy: np.ndarray, dim: int, strength: float, rng: np.random.Generator
+) -> np.ndarray:
     """A smooth nuisance across one section (uneven staining, illumination, section thickness):
     the spot's position along a random axis of the section, in [-1, 1], times a random direction
     of the embedding with sd ``strength`` per dimension. Unrelated to the domains, it survives
