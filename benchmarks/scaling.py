@@ -47,6 +47,13 @@ here needs a GPU; the CPU numbers are what a laptop or CPU node gives.
     python benchmarks/scaling.py --sizes 10000 100000 --epochs 1 --threads 1
     python benchmarks/scaling.py --sizes 1000000 --epochs 1 --limit-batches 300 --threads 1
     python benchmarks/scaling.py --sizes 100000 --methods histovi --profile   # pyinstrument
+    python benchmarks/scaling.py --step   # one training step and one NB likelihood, no data
+
+``--step`` times what one minibatch costs without any data set or loader: a training step
+(forward, backward, Adam) of scVI's module and of HistoVI's on synthetic counts of
+``--batch-size`` spots x ``--genes`` genes at several shares of non-zero counts, and the
+negative-binomial log-likelihood of scvi-tools against HistoVI's (the sparse path below 35 %
+non-zero), value and gradients. Results: ``step.json`` and ``step.md`` in ``--out``.
 
 Results: ``scaling.json`` (every run, appended as runs finish) and ``scaling.md`` in ``--out``.
 """
@@ -62,6 +69,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 N_SECTIONS = 40
@@ -471,6 +479,97 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- one step
+def _ms_per_call(fn, repeats: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def _train_step(module, opt, tensors):
+    _, _, out = module(tensors, loss_kwargs={"kl_weight": 0.5})
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+
+
+def _scvi_nb(x, mu, theta):
+    from scvi.distributions import NegativeBinomial
+
+    return NegativeBinomial(mu=mu, theta=theta).log_prob(x).sum(-1)
+
+
+def _nb_pass(likelihood, x, mu, log_theta):
+    likelihood(x, mu, log_theta.exp()).sum().backward()
+
+
+def time_steps(batch_size: int, n_genes: int, morph_dim: int, densities=(0.1, 0.45, 0.9)):
+    """ms per training step of scVI's and HistoVI's modules, and per NB likelihood (value and
+    gradients), on synthetic minibatches at each share of non-zero counts."""
+    import torch
+    from scvi import REGISTRY_KEYS
+    from scvi.module import VAE
+
+    from histovi.module._module import NICHE_KEY, HistoVAE, nb_log_likelihood, view_registry_key
+
+    gen = torch.Generator().manual_seed(0)
+    n_batch = N_SECTIONS
+    rows = []
+    for density in densities:
+        rate = torch.full((batch_size, n_genes), -math.log1p(-density))
+        x = torch.poisson(rate, generator=gen)
+        # the niche: k neighbours' counts summed (denser than one spot's)
+        niche = sum(torch.poisson(rate, generator=gen) for _ in range(N_NEIGHBORS))
+        tensors = {
+            REGISTRY_KEYS.X_KEY: x,
+            REGISTRY_KEYS.BATCH_KEY: torch.randint(0, n_batch, (batch_size, 1), generator=gen),
+            REGISTRY_KEYS.LABELS_KEY: torch.zeros(batch_size, 1),
+            NICHE_KEY: niche,
+            view_registry_key("morphology"): torch.randn(batch_size, morph_dim, generator=gen),
+        }
+        modules = {
+            "scvi": VAE(n_genes, n_batch=n_batch, n_latent=16),
+            "histovi": HistoVAE(
+                n_genes,
+                n_batch,
+                view_dims={"morphology": morph_dim},
+                normalize_input=True,
+                view_gating=True,
+                spatial_prior=True,
+            ),
+        }
+        row = {"density": round(float((x > 0).float().mean()), 3)}
+        for name, module in modules.items():
+            module.train()
+            opt = torch.optim.Adam(module.parameters(), 1e-3)
+            row[f"{name}_step_ms"] = _ms_per_call(partial(_train_step, module, opt, tensors))
+        mu = (torch.rand(batch_size, n_genes, generator=gen) * 3 + 0.05).requires_grad_()
+        log_theta = torch.randn(n_genes, generator=gen).requires_grad_()
+        for name, likelihood in (("scvi", _scvi_nb), ("histovi", nb_log_likelihood)):
+            row[f"{name}_nb_ms"] = _ms_per_call(partial(_nb_pass, likelihood, x, mu, log_theta))
+        row["step_ratio"] = row["histovi_step_ms"] / row["scvi_step_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def step_table(rows) -> str:
+    lines = [
+        "| non-zero share | scVI step ms | HistoVI step ms | HistoVI / scVI | NB scvi-tools ms "
+        "| NB HistoVI ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['density']:.2f} | {r['scvi_step_ms']:.1f} | {r['histovi_step_ms']:.1f} "
+            f"| {r['step_ratio']:.2f} | {r['scvi_nb_ms']:.1f} | {r['histovi_nb_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(
@@ -495,6 +594,9 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--backed", action="store_true", help="read the counts backed ('r')")
     parser.add_argument("--profile", action="store_true", help="pyinstrument report per run")
+    parser.add_argument(
+        "--step", action="store_true", help="time one training step and one NB likelihood only"
+    )
     parser.add_argument("--out", default="benchmarks/results/scaling")
     parser.add_argument("--cache", default=None, help="study cache (default OUT/data)")
     parser.add_argument("--_make", type=int, help=argparse.SUPPRESS)
@@ -504,6 +606,17 @@ def main(argv=None):
     cache = Path(args.cache) if args.cache else out / "data"
     devices = int(args.devices) if args.devices.isdigit() else args.devices
 
+    if args.step:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = time_steps(args.batch_size, args.genes, args.morphology_dim)
+        (out / "step.json").write_text(json.dumps(rows, indent=1))
+        table = step_table(rows)
+        (out / "step.md").write_text(table + "\n")
+        print(table)
+        return
     if args._make:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
         path = study_path(cache, args._make, args.genes, args.morphology_dim)

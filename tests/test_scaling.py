@@ -163,6 +163,37 @@ def test_scaling_benchmark_on_a_tiny_study(tmp_path):
     assert "HistoVI / scVI" in text and "extrapolated" in text
 
 
+def test_scaling_benchmark_times_one_step(tmp_path):
+    """``scaling.py --step``: a row per share of non-zero counts with both modules' step and
+    both likelihoods, written as JSON and as a table."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(str(BENCH))
+    scaling.main(
+        [
+            "--step",
+            "--genes",
+            "60",
+            "--morphology-dim",
+            "4",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = json.loads((tmp_path / "step.json").read_text())
+    assert [r["density"] < 0.35 for r in rows] == [True, False, False]
+    for r in rows:
+        for key in ("scvi_step_ms", "histovi_step_ms", "scvi_nb_ms", "histovi_nb_ms"):
+            assert r[key] > 0
+    assert "HistoVI / scVI" in (tmp_path / "step.md").read_text()
+
+
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
 def test_nb_log_likelihood_matches_scvi_in_value_and_gradient(density):
     """The lean negative-binomial likelihood of the training loss (sparse and dense paths) gives
