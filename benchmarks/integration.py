@@ -264,11 +264,12 @@ def _worker(spec_path: str) -> None:
 
 def _dependencies(method: str) -> list[str]:
     """Methods whose saved embeddings a method reuses (scVI+agg: scVI's; '<variant>@<tag>':
-    its own file, written by the variant's run)."""
+    its own file, written by the variant's run; '<variant>@agg': the variant's '@own')."""
     if method == "scVI+agg":
         return ["scVI"]
-    if _methods.split_latent_tag(method)[1] is not None:
-        return [method]
+    base, tag = _methods.split_latent_tag(method)
+    if tag is not None:
+        return [f"{base}@{_methods.AGGREGATED_TAGS.get(tag, (tag,))[0]}"]
     return []
 
 

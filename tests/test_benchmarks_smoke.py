@@ -333,8 +333,9 @@ def test_main_refuses_bad_arguments(tmp_path, capsys):
 
 
 def test_other_latents_of_one_histovi_model_are_scored_without_retraining(tmp_path):
-    """'HistoVI@domain' and 'HistoVI@own' read the latents the 'HistoVI' run saved."""
-    methods = ["HistoVI", "HistoVI@domain", "HistoVI@own"]
+    """'HistoVI@domain' and 'HistoVI@own' read the latents the 'HistoVI' run saved;
+    'HistoVI@agg' aggregates the saved '@own' latent over two rings (as scVI+agg)."""
+    methods = ["HistoVI", "HistoVI@domain", "HistoVI@own", "HistoVI@agg"]
     kw = {"out": tmp_path, "in_process": True, "fast": True, "max_epochs": 2}
     result = integration.run_benchmark("sim_tiny", methods, seeds=[0], **kw)
     table = {row["method"]: row for row in result["table"]}
@@ -345,3 +346,6 @@ def test_other_latents_of_one_histovi_model_are_scored_without_retraining(tmp_pa
     assert not np.allclose(z["HistoVI"], z["HistoVI@domain"])
     for m in methods[1:]:
         assert result["records"][m]["runs"][0]["info"]["reused_model"]
+    own = z["HistoVI@own"]
+    assert z["HistoVI@agg"].shape == (own.shape[0], 3 * own.shape[1])
+    np.testing.assert_array_equal(z["HistoVI@agg"][:, : own.shape[1]], own)
