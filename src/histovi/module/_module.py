@@ -80,8 +80,8 @@ def nb_log_likelihood(
     )
     nonzero = x > 0
     lgamma_theta = torch.lgamma(theta)
-    if x.is_cuda or nonzero.float().mean() > _SPARSE_NB_DENSITY:
-        # dense counts (or a GPU, where elementwise work is cheap and nonzero() syncs)
+    if x.device.type != "cpu" or nonzero.float().mean() > _SPARSE_NB_DENSITY:
+        # dense counts, or a GPU, where elementwise work is cheap and nonzero() waits for it
         with torch.no_grad():
             log_x_factorial = torch.lgamma(x + 1)
         out = (dense + torch.lgamma(x + theta) - log_x_factorial).sum(-1)
