@@ -326,7 +326,6 @@ def scvi_agg(adata: AnnData, seed: int, ctx: Context, n_hops: int = 2) -> np.nda
     """CellCharter recipe: scVI latent concatenated with its mean over the 1..n_hops spatial
     rings (:func:`histovi.tl.aggregate_neighbors`). Reuses the scVI latent of the same seed when
     scVI ran in this benchmark (its cost is then added by the harness)."""
-
     Z = ctx.previous.get(("scVI", seed))
     ctx.info["reused_scVI"] = Z is not None
     if Z is None:
@@ -553,8 +552,9 @@ def histovi_variant(adata: AnnData, seed: int, ctx: Context, name: str = "HistoV
 
 
 def histovi_latent(adata: AnnData, seed: int, ctx: Context, name: str) -> np.ndarray:
-    """Another latent (``<variant>@<tag>``, :data:`LATENT_TAGS`) of the HistoVI variant trained
-    with this seed: read from the variant's run when it ran in this benchmark, else trained."""
+    """Another latent (``<variant>@<tag>``, :data:`LATENT_TAGS`, :data:`AGGREGATED_TAGS`) of the
+    HistoVI variant trained with this seed: read from the variant's run when it ran in this
+    benchmark, else trained."""
     base, tag = split_latent_tag(name)
     source, n_hops = AGGREGATED_TAGS.get(tag, (tag, 0))
     saved = ctx.previous.get((f"{base}@{source}", seed))
