@@ -349,3 +349,25 @@ def test_other_latents_of_one_histovi_model_are_scored_without_retraining(tmp_pa
     own = z["HistoVI@own"]
     assert z["HistoVI@agg"].shape == (own.shape[0], 3 * own.shape[1])
     np.testing.assert_array_equal(z["HistoVI@agg"][:, : own.shape[1]], own)
+
+
+def test_pair_ceiling_is_the_ari_of_the_truth_with_the_pair_merged():
+    import anndata as ad
+
+    labels = ["stroma_adjacent"] * 4 + ["stroma_distal"] * 4 + ["tumour"] * 4 + ["undetermined"]
+    adata = ad.AnnData(
+        obs=pd.DataFrame({"label": labels * 2, "sample": ["s1"] * 13 + ["s2"] * 13}),
+    )
+    ceilings = integration.pair_ceilings(adata)
+    # only the neighbourhood pair is in the data; 'undetermined' spots are not scored
+    assert list(ceilings) == ["neighbourhood-only: stroma_adjacent vs stroma_distal"]
+    from sklearn.metrics import adjusted_rand_score
+
+    truth = np.array(labels[:12])
+    expected = adjusted_rand_score(
+        truth, np.where(truth == "stroma_adjacent", "stroma_distal", truth)
+    )
+    assert ceilings["neighbourhood-only: stroma_adjacent vs stroma_distal"] == pytest.approx(
+        expected
+    )
+    assert 0 < expected < 1
