@@ -74,6 +74,9 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
     # layered (cortex-like) tissue, histovi.datasets.simulate_layers() defaults: 3 donors with
     # 4, 2 and 2 sections, 7 layers carried mostly by depth and neighbourhood, weak morphology
     "sim_layers": {"simulator": "layers"},
+    # ... as a single-donor study of four sections (the layout of the real cortex study on which
+    # HistoVI trailed BANKSY and AESTETIK in issue 19): no donor effect to remove, only sections
+    "sim_layers_one_donor": {"simulator": "layers", "n_patients": 1, "n_sections_per_patient": 4},
     "sim_layers_tiny": {
         "simulator": "layers",
         "n_patients": 2,
