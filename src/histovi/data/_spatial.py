@@ -18,18 +18,10 @@ median of ``|m_i - m_j|^2`` over the graph's edges, so that a spot borrows from 
 that look like it, not across a domain boundary (a bilateral filter on the graph).
 
 ``lambda`` (one per latent dimension) is fitted by empirical Bayes after training
-(:func:`fit_spatial_precision`, Besag's pseudo-likelihood: each spot's evidence given its
-neighbours' own means): large where a spot's latent is well predicted by its neighbours' (smooth,
-layered tissue), small where it is not, and a spot's own evidence ``P'`` sets how much it borrows
-(shallow spots borrow more).
-
-The latent is the posterior mean of the whole field under that prior, not of each spot given
-its neighbours' data alone: ``zbar`` is the weighted mean of the neighbours' *posterior* means,
-so evidence travels further than one ring (a spot ``h`` steps away counts with a weight that
-shrinks as ``(lambda / (P' + 1 + lambda))^h``). It is computed by :data:`POSTERIOR_STEPS` Jacobi
-sweeps from the spots' own means (the edge weights stay those of the own means), so that a
-subset needs only the spots within that many steps of the graph and is embedded exactly as
-within the whole data.
+(:func:`fit_spatial_precision`): large where a spot's latent is well predicted by its
+neighbours' (smooth, layered tissue), small where it is not, and a spot's own evidence ``P'``
+sets how much it borrows (shallow spots borrow more). Only the spots within one step of the
+graph are needed to embed a subset, so a subset is embedded exactly as within the whole data.
 """
 
 from __future__ import annotations
@@ -46,11 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: lambda is kept above this (its logarithm is stored): 1e-3 is no spatial context at all.
 MIN_SPATIAL_PRECISION = 1e-3
-
-#: Jacobi sweeps of the spatial posterior: evidence from up to this many steps of the graph away
-#: (each sweep adds one ring; with a spot's own evidence at least as strong as its neighbours',
-#: the eighth ring counts for < 0.5 ** 8 of the first).
-POSTERIOR_STEPS = 8
 
 
 def hop_closure(neighbors: np.ndarray, rows: np.ndarray, hops: int) -> np.ndarray:
@@ -101,13 +88,12 @@ def neighbor_mean(own: np.ndarray, neighbors: np.ndarray, bandwidth: float) -> n
 
 
 def _weighted_neighbor_mean(own, neighbors, bandwidth, rows=None):
-    """Edge-preserving mean, squared distances and weights (each ``len(rows) x k``)."""
     rows = np.arange(len(neighbors)) if rows is None else rows
     nbr = own[neighbors]  # (n, k, d)
     d2 = ((own[rows][:, None, :] - nbr) ** 2).sum(-1)
     weights = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2.0 * bandwidth))
     weights /= weights.sum(1, keepdims=True)
-    return (weights[..., None] * nbr).sum(1), d2, weights
+    return (weights[..., None] * nbr).sum(1), d2
 
 
 def spatial_marginal_loglik(
@@ -195,58 +181,32 @@ def _scale_index(scale: str) -> int:
     return SCALES.index(scale)
 
 
-def posterior_sweeps(
-    precision: np.ndarray,
-    weighted_mean: np.ndarray,
-    neighbors: np.ndarray,
-    lam: np.ndarray,
-    bandwidth: float,
-    steps: int = POSTERIOR_STEPS,
-) -> np.ndarray:
-    """Posterior means of the spots of a closed neighbour graph (``neighbors`` indexes the rows
-    of ``precision``; -1 marks a neighbour outside the rows given, whose value is unknown) after
-    ``steps`` Jacobi sweeps ``m <- (a + lambda Wm) / (P + 1 + lambda)`` from the own means ``a /
-    (P + 1)``; ``W`` holds the edge-preserving weights of the own means. Rows within ``h`` steps
-    of an unknown neighbour are exact only for ``steps <= h``; they come back NaN otherwise."""
-    own = weighted_mean / (precision + 1.0)
-    padded = np.vstack([own, np.full((1, own.shape[1]), np.nan, dtype=own.dtype)])
-    nbr = np.where(neighbors < 0, len(own), neighbors)
-    weights = _weighted_neighbor_mean(padded, nbr, bandwidth, rows=np.arange(len(own)))[2]
-    total = precision + 1.0 + lam
-    mean = own
-    for _ in range(steps):
-        padded[: len(own)] = mean
-        mean = (weighted_mean + lam * (weights[..., None] * padded[nbr]).sum(1)) / total
-    return mean
-
-
 def spatial_posterior(
     module,
     adata_manager,
     rows: np.ndarray | None = None,
     scale: str = "spot",
     batch_size: int = 1024,
-    steps: int = POSTERIOR_STEPS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of the spatial posterior of ``rows`` (default: every spot) at
-    ``scale``, with the module's fitted lambda, evidence scale and bandwidth (the spots within
-    ``steps`` steps of ``rows`` are embedded too, see :func:`posterior_sweeps`)."""
+    ``scale``, with the module's fitted lambda, evidence scale and bandwidth."""
     k = _scale_index(scale)
     neighbors = _neighbors(adata_manager)
     rows = np.arange(len(neighbors)) if rows is None else np.asarray(rows, dtype=np.int64)
-    needed = hop_closure(neighbors, rows, max(int(steps), 1))
+    needed = hop_closure(neighbors, rows, 1)
     precision, weighted_mean = data_posteriors(module, adata_manager, needed, batch_size)
     precision, weighted_mean = _scaled_evidence(module, precision, weighted_mean, scale)
-    # the graph restricted to the spots needed, in their local row numbers (-1: outside)
-    local = np.full(len(neighbors), -1, dtype=np.int64)
-    local[needed] = np.arange(len(needed))
-    lam = module.spatial_precision(scale).detach().cpu().numpy()
+    own = np.full((len(neighbors), precision.shape[1]), np.nan, dtype=np.float32)
+    own[needed] = weighted_mean / (precision + 1.0)
     bandwidth = float(module.neighbor_bandwidth[k])
-    mean = posterior_sweeps(
-        precision, weighted_mean, local[neighbors[needed]], lam, bandwidth, steps
+    zbar, _ = _weighted_neighbor_mean(own, neighbors[rows], bandwidth, rows=rows)
+    lam = module.spatial_precision(scale).detach().cpu().numpy()
+    at = np.searchsorted(needed, rows)
+    total = precision[at] + 1.0 + lam
+    return (
+        ((weighted_mean[at] + lam * zbar) / total).astype(np.float32),
+        (1.0 / total).astype(np.float32),
     )
-    at = local[rows]
-    return mean[at].astype(np.float32), (1.0 / (precision[at] + 1.0 + lam)).astype(np.float32)
 
 
 def fit_spatial_prior(
@@ -267,7 +227,7 @@ def fit_spatial_prior(
         own = weighted_mean / (precision + 1.0)
         d2 = ((own[:, None, :] - own[neighbors]) ** 2).sum(-1)
         bandwidth = float(max(np.median(d2), 1e-8))
-        zbar = _weighted_neighbor_mean(own, neighbors, bandwidth)[0]
+        zbar, _ = _weighted_neighbor_mean(own, neighbors, bandwidth)
         lam = fit_spatial_precision(precision, weighted_mean, zbar)
         with torch.no_grad():
             module.neighbor_bandwidth[k] = bandwidth
