@@ -688,13 +688,13 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         its neighbours' (the spatial prior fitted after training, :mod:`histovi.data._spatial`):
 
         * ``"spot"`` (or ``True``): the encoders' evidence as it is; a spot borrows little from
-          its neighbours, the more the fewer counts it has. Never worse than ``False`` beyond
-          the seed-to-seed spread on any study measured.
+          its neighbours, the more the fewer counts it has. At or above ``False`` on seven of the
+          eight benchmark studies.
         * ``"domain"``: the evidence tempered by the KL weight the encoders were trained with
           (what an empirical-Bayes fit of that weight finds too): spots borrow about as much
-          from their neighbours as from themselves. For smooth, layered tissue (cortex): +0.065
-          ARI on the layered simulator, but -0.02 on patchy tumour tissue with small
-          infiltrates (her2st, the weak-view tumour simulator).
+          from their neighbours as from themselves. For smooth, layered tissue (cortex): +0.04
+          ARI on the layered simulator, +0.07 with one donor and four sections, but -0.03 on
+          her2st and -0.04 with an image view that misleads within sections.
         * ``False``: the posterior from the spot's own data alone.
 
         The neighbours of ``indices`` are embedded as well, so a spot gets the same latent
