@@ -56,6 +56,13 @@ def test_domains_recovers_blobs(method):
         assert (sub.groupby("truth", observed=True)["domain"].nunique() == 1).all()
 
 
+def test_gmm_warns_when_it_fills_fewer_domains_than_asked():
+    X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0]], dtype=np.float32), 50, axis=0)
+    with pytest.warns(UserWarning, match="2 of the 3 domains asked for"):
+        codes = tl.cluster_embedding(X, 3, "gmm")
+    assert set(np.unique(codes)) == {0, 1}  # dense codes of the domains it did use
+
+
 def test_leiden_resolution_search_reaches_n_domains():
     X = _blobs().obsm["X_histovi"]
     free = tl.cluster_embedding(X, None, "leiden", resolution=1.0)

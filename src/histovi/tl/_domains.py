@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -100,7 +101,17 @@ def cluster_embedding(
         with threadpool_limits(limits=1, user_api="blas"):
             labels = gmm.fit_predict(X)
         # empty components are possible; relabel so codes are dense 0..m-1
-        return np.unique(labels, return_inverse=True)[1]
+        used, codes = np.unique(labels, return_inverse=True)
+        if len(used) < n_clusters:
+            warnings.warn(
+                f"the Gaussian mixture put the spots into {len(used)} of the {n_clusters} "
+                "domains asked for: the embedding holds fewer separable groups (an undertrained "
+                "model, or fewer domains in the data). Ask for fewer domains, train longer, or "
+                "use method='kmeans', which always fills every cluster.",
+                UserWarning,
+                stacklevel=3,  # past the thread-keeping wrapper, at the caller
+            )
+        return codes
     if method == "leiden":
         return _leiden(X, n_clusters, random_state, resolution, n_neighbors)
     raise ValueError(f"`method`='{method}' is not supported: use 'gmm', 'kmeans' or 'leiden'.")
