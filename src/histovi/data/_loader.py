@@ -23,12 +23,7 @@ from scvi import REGISTRY_KEYS, settings
 from scvi.dataloaders import BatchDistributedSampler, DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from ..module._module import (
-    ANCHOR_MASK_KEY,
-    ANCHOR_TARGET_KEY,
-    NEIGHBORS_REGISTRY_KEY,
-    NICHE_KEY,
-)
+from ..module._module import NEIGHBORS_REGISTRY_KEY, NICHE_KEY
 
 
 class NeighborhoodDataset(Dataset):
@@ -56,9 +51,6 @@ class NeighborhoodDataset(Dataset):
         self.batch_codes = np.asarray(
             adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
         ).ravel()
-        # Cross-sample anchor targets (set during training by data._anchors.AnchorCallback).
-        self.anchor_target: np.ndarray | None = None
-        self.anchor_mask: np.ndarray | None = None
         self.neighbors = None
         if NEIGHBORS_REGISTRY_KEY in registry and gather_niche:
             # Row numbers must stay int64: the default float32 loading would corrupt them.
@@ -83,7 +75,7 @@ class NeighborhoodDataset(Dataset):
             self.counts = counts
             self.n_obs = self.counts.shape[0]
         # scvi-tools' dataset returns the rows of a backed AnnData sorted (HDF5 reads increasing
-        # rows); the neighbours' counts and anchors must follow the same order
+        # rows); the neighbours' counts must follow the same order
         self.sort_rows = bool(getattr(adata_manager.adata, "isbacked", False))
 
     def __len__(self):
@@ -96,17 +88,7 @@ class NeighborhoodDataset(Dataset):
         data = self.base[rows]
         if self.neighbors is not None:
             data[NICHE_KEY] = self.niche_counts(rows)
-        if self.anchor_target is not None:
-            data[ANCHOR_TARGET_KEY] = self.anchor_target[rows]
-            data[ANCHOR_MASK_KEY] = self.anchor_mask[rows]
         return data
-
-    def set_anchor_targets(self, rows: np.ndarray, target: np.ndarray, mask: np.ndarray) -> None:
-        """Anchor targets (latent vectors) and their mask for the global ``rows``."""
-        self.anchor_target = np.zeros((self.n_total, target.shape[1]), dtype=np.float32)
-        self.anchor_mask = np.zeros(self.n_total, dtype=np.float32)
-        self.anchor_target[rows] = target
-        self.anchor_mask[rows] = mask
 
     def niche_counts(self, rows: np.ndarray) -> np.ndarray:
         """Summed counts of the neighbours of ``rows`` (``len(rows) x n_genes``, float32)."""

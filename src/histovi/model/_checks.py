@@ -6,11 +6,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from .._validation import check_counts, check_neighbors, check_var_names, require_obs
+from .._validation import (
+    check_counts,
+    check_finite_or_nan_rows,
+    check_neighbors,
+    check_var_names,
+    require_obs,
+    require_obsm,
+)
 
 QUERY_FIX = (
     "Map it as a query: HistoVI.prepare_query_anndata(adata, model) orders the genes like the "
@@ -192,3 +200,68 @@ def nonfinite_registered_inputs(model) -> list[str]:
         if not finite:
             bad.append(name)
     return bad
+
+
+def check_setup_inputs(
+    adata,
+    layer,
+    batch_key,
+    morphology_key,
+    neighbors_key,
+    embedding_keys,
+    labels_key,
+    categorical_covariate_keys,
+    continuous_covariate_keys,
+    allow_missing_views=False,
+):
+    if adata.n_obs == 0:
+        raise ValueError("The AnnData has no spots.")
+    check_key_lists(categorical_covariate_keys, continuous_covariate_keys, embedding_keys)
+    check_counts(adata, layer)
+    check_categorical_covariates(adata, categorical_covariate_keys)
+    for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+        if key is not None:
+            require_obs(adata, key, f"Pass {what}= naming an existing column, or None.")
+    if batch_key is not None and adata.obs[batch_key].isna().any():
+        raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    for key in list(categorical_covariate_keys or []) + list(continuous_covariate_keys or []):
+        require_obs(adata, key, "Remove it from the covariate keys or add the column.")
+    for key in continuous_covariate_keys or []:
+        values = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy()
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"adata.obs['{key}'] must be finite numbers (continuous covariate).")
+    for name, key in view_setup(morphology_key, embedding_keys).items():
+        hint = (
+            "Compute it with histovi.pp.embed_morphology(adata), or pass morphology_key=None."
+            if name == MORPHOLOGY_VIEW
+            else f"Compute the '{name}' embedding first, or drop it from embedding_keys."
+        )
+        values = require_obsm(adata, key, hint)
+        present = check_finite_or_nan_rows(values, key)
+        if not present.any() and not allow_missing_views:
+            raise ValueError(
+                f"adata.obsm['{key}'] is NaN for every spot: no spot has this view. {hint}"
+            )
+    if neighbors_key is not None:
+        nbrs = check_neighbors(adata, neighbors_key, batch_key)
+        if nbrs.shape[1] < 1:
+            raise ValueError(f"adata.obsm['{neighbors_key}'] has no columns (k = 0).")
+
+
+#: Name of the morphology view (the other embedding views are named by the user).
+MORPHOLOGY_VIEW = "morphology"
+
+
+def view_setup(morphology_key, embedding_keys) -> dict[str, str]:
+    """View name -> obsm key, morphology first."""
+    views = {}
+    if morphology_key is not None:
+        views[MORPHOLOGY_VIEW] = morphology_key
+    for name, key in (embedding_keys or {}).items():
+        if name == MORPHOLOGY_VIEW:
+            raise ValueError(
+                "embedding_keys may not use the name 'morphology': pass the morphology embedding as "
+                "morphology_key=... instead."
+            )
+        views[name] = key
+    return views

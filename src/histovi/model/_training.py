@@ -9,8 +9,7 @@ and a stop with a clear message when a loss term diverges.
   dropout, posterior samples, view dropout), captured at the end of every epoch and restored at
   the start of the next one (in uninterrupted runs as well, so both follow the same path).
   Everything else that carries over between epochs is in the checkpoint already (weights,
-  buffers such as the spatial prior's precision, optimizer and loop state) or is recomputed at
-  every epoch start from those (the spatial prior's latent bank, the anchors).
+  buffers, optimizer and loop state).
 * :class:`HistoTrainingPlan` refuses a minibatch whose loss or gradients are not finite, before
   the optimizer step, so the model keeps its last good weights, and names the view (expression,
   morphology, niche, ...) whose term diverged.
@@ -405,16 +404,12 @@ def _view_of_parameter(name: str) -> str:
         return parts[1]
     if parts[0].startswith("niche"):
         return "niche"
-    if parts[0] == "batch_classifier":
-        return "alignment (batch classifier)"
-    if parts[0] == "spatial_log_precision":
-        return "spatial prior"
     return "expression"
 
 
 #: minibatch keys -> the input a user would fix: the niche counts are the neighbours' expression
 #: counts, so a NaN there (from a spot outside the minibatch) is a NaN in the expression counts
-_INPUT_NAMES = {"X": "expression", "niche_counts": "expression", "neighbor_latent": "spatial prior"}
+_INPUT_NAMES = {"X": "expression", "niche_counts": "expression"}
 
 DIVERGENCE_FIX = (
     "The model keeps the weights from before this step (save or inspect it now). Check that "

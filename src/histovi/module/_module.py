@@ -7,26 +7,21 @@ Views of a spot and how they enter the model:
   and a Gaussian decoder p(m | z, s); a spot without a view (mask 0) simply lacks that expert
   and that reconstruction term;
 * the spatial neighbourhood: a negative-binomial decoder of the summed counts of the spot's
-  neighbours (the niche), which makes z describe the spot's surroundings as well as the spot;
-  and, once trained, a spatial prior centred on the neighbours' latent (``spatial_prior``):
-  the latent of a spot is then its posterior given its own data *and* its neighbours'
-  (:mod:`histovi.data._spatial`), with the amount of spatial context fitted to the study.
+  neighbours (the niche), which makes z describe the spot's surroundings as well as the spot.
+  The domain latent of a spot is then its own latent propagated over the spatial graph with a
+  mix ``spatial_mix`` per latent dimension, fitted to the study after training
+  (:mod:`histovi.model._spatial`); the propagation lives outside the module, which only keeps
+  the fitted mix with its weights.
 
 The experts are fused as a product of Gaussian experts with the standard-normal prior as one
-expert, so missing views are handled by construction. Batch (``s``) and covariates enter every
-encoder and decoder, so that scArches can train new batch columns for a query.
-
-Alignment across samples: by default only the batch-conditioned encoders and decoders (as in
-scVI). Opt-in terms, each measured in benchmarks/: latent cycle consistency (decode in another
-sample, re-encode, same z), a sample classifier on z behind a gradient-reversal layer
-(adversarial), and a pull towards mutual nearest neighbours in other samples (anchors).
+expert, so missing views are handled by construction; each view expert's precision is scaled by
+a learned gate per latent dimension. Batch (``s``) and covariates enter every encoder and
+decoder, so that scArches can train new batch columns for a query.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -35,24 +30,11 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 NICHE_KEY = "niche_counts"
-ANCHOR_TARGET_KEY = "anchor_target"
-ANCHOR_MASK_KEY = "anchor_mask"
 NEIGHBORS_REGISTRY_KEY = "spatial_neighbors"
 
 
 def view_registry_key(name: str) -> str:
     return f"view_{name}"
-
-
-class _GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
 
 
 # below this share of non-zero counts the log-gamma terms are evaluated on the non-zeros only
@@ -124,12 +106,12 @@ class GaussianViewDecoder(nn.Module):
         self.mean = nn.Linear(n_hidden, n_output)
         self.log_var = nn.Parameter(torch.zeros(n_output))
 
-    def forward(self, z, *cat_list, cont=None):
-        return Normal(self.mean(self.decoder(z, *cat_list, cont=cont)), self.log_var.exp().sqrt())
+    def forward(self, z, *cat_list):
+        return Normal(self.mean(self.decoder(z, *cat_list)), self.log_var.exp().sqrt())
 
 
 class HistoVAE(BaseModuleClass):
-    """Multi-view VAE with a niche decoder and opt-in alignment terms across samples.
+    """Multi-view VAE of spatial spots with a niche decoder.
 
     Parameters
     ----------
@@ -152,36 +134,18 @@ class HistoVAE(BaseModuleClass):
         neighbours are scaled by ``niche_weight / k``).
     n_neighbors
         Number of spatial neighbours (k) the niche counts are summed over.
-    alignment_weight
-        Weight of the adversarial sample classifier on z (0 turns it off).
-    cycle_weight
-        Weight of the latent cycle-consistency term (0, the default, turns it off).
-    anchor_weight
-        Weight of the pull towards mutual-nearest-neighbour anchors in other samples (needs
-        :class:`histovi.data._anchors.AnchorCallback` during training; 0 turns it off).
     encode_covariates
         Give the encoders the covariates (needed for scArches query columns in the encoders).
     view_dropout
         Share of spots whose embedding views are hidden from the encoder at each training step.
-    spatial_prior
-        Keep the buffers of the spatial prior used at inference: ``N(0, I) x N(mean latent of
-        the spot's neighbours, 1 / lambda)`` with a precision ``lambda`` per latent dimension,
-        fitted after training by empirical Bayes (:mod:`histovi.data._spatial`). Training itself
-        uses the standard prior: a spatial prior inside the training loop lets the encoders
-        lean on the neighbours and collapse onto the sections (measured: ARI 0.07, every
-        cluster one patient, on the layered simulator).
     view_gating
         Scale each view expert's precision by a learned gate per latent dimension, trained only
         by how well the latent explains the expression (and the niche): a view enters the latent
         as far as it helps to explain the counts, so a weak or section-shifted view is gated out
         instead of overriding the expression.
-    view_agreement_weight
-        Weight of the Jeffreys divergence between each view's expert and the expression expert
-        (0 turns it off): a view may then only move the latent where expression is uncertain.
     normalize_input
         Scale each spot's counts to 10,000 before the log that feeds the encoders, so that
-        sequencing depth does not enter z (the decoders use the observed library). Off here for
-        modules built directly; :class:`~histovi.HistoVI` turns it on by default.
+        sequencing depth does not enter z (the decoders use the observed library).
     n_cats_per_cov, n_continuous_cov
         Extra categorical and continuous covariates.
     """
@@ -200,37 +164,14 @@ class HistoVAE(BaseModuleClass):
         use_niche: bool = True,
         niche_weight: float = 1.0,
         n_neighbors: int = 6,
-        alignment_weight: float = 0.0,
         view_dropout: float = 0.3,
         n_cats_per_cov: list[int] | None = None,
         n_continuous_cov: int = 0,
         encode_covariates: bool = True,
-        cycle_weight: float = 0.0,
-        anchor_weight: float = 0.0,
-        normalize_input: bool = False,
-        spatial_prior: bool = False,
-        view_agreement_weight: float = 0.0,
-        view_gating: bool = False,
+        normalize_input: bool = True,
+        view_gating: bool = True,
     ):
         super().__init__()
-        self.view_gating = bool(view_gating) and bool(view_dims)
-        if self.view_gating:
-            # log of each view's gate per latent dimension; 0: the view's expert as it is
-            self.view_log_gates = nn.Parameter(torch.zeros(len(view_dims), n_latent))
-        self.view_agreement_weight = float(view_agreement_weight)
-        self.spatial_prior = bool(spatial_prior)
-        if self.spatial_prior:
-            # fitted after training (histovi.data._spatial.fit_spatial_prior), not by gradient:
-            # log lambda per latent dimension, the KL weight that tempered the encoders' evidence,
-            # and the bandwidth of the neighbour weights
-            # (one row per scale of histovi.data._spatial.SCALES: "spot", "domain")
-            self.register_buffer("spatial_log_precision", torch.zeros(2, n_latent))
-            self.register_buffer("evidence_scale", torch.ones(()))
-            self.register_buffer("neighbor_bandwidth", torch.ones(2))
-        self.normalize_input = normalize_input
-        self.encode_covariates = encode_covariates
-        self.cycle_weight = cycle_weight
-        self.anchor_weight = anchor_weight
         self.n_input = n_input
         self.n_batch = n_batch
         self.n_latent = n_latent
@@ -238,9 +179,17 @@ class HistoVAE(BaseModuleClass):
         self.use_niche = use_niche
         self.niche_weight = niche_weight
         self.n_neighbors = max(int(n_neighbors), 1)
-        self.alignment_weight = alignment_weight
         self.view_dropout = view_dropout
+        self.normalize_input = normalize_input
+        self.encode_covariates = encode_covariates
         self.n_continuous_cov = n_continuous_cov
+        self.view_gating = bool(view_gating) and bool(view_dims)
+        if self.view_gating:
+            # log of each view's gate per latent dimension; 0: the view's expert as it is
+            self.view_log_gates = nn.Parameter(torch.zeros(len(view_dims), n_latent))
+        # the neighbours' share of each latent dimension of the domain latent, fitted after
+        # training (model/_spatial.py), not by gradient; 0 = the spot's own latent
+        self.register_buffer("spatial_mix", torch.zeros(n_latent))
         # The same covariate list feeds every encoder and decoder (see HistoVI.load_query_data).
         cat_list = [n_batch] + list(n_cats_per_cov or [])
         self.cat_list = cat_list
@@ -279,16 +228,6 @@ class HistoVAE(BaseModuleClass):
             self.niche_decoder = DecoderSCVI(n_latent + n_cont, n_input, **net)
             self.niche_r = nn.Parameter(torch.randn(n_input))
 
-        if alignment_weight > 0 and n_batch > 1:
-            self.batch_classifier = nn.Sequential(
-                nn.Linear(n_latent, n_hidden),
-                nn.LayerNorm(n_hidden),
-                nn.ReLU(),
-                nn.Linear(n_hidden, n_batch),
-            )
-        else:
-            self.batch_classifier = None
-
     # ------------------------------------------------------------------ helpers
     def _covariates(self, tensors):
         batch = tensors[REGISTRY_KEYS.BATCH_KEY]
@@ -307,6 +246,9 @@ class HistoVAE(BaseModuleClass):
             mean, std = mean[rows], std[rows]
         values = (values - mean) / std
         return values * mask.unsqueeze(-1), mask.float()
+
+    def _with_cont(self, z, cont):
+        return z if cont is None else torch.cat([z, cont.expand(*z.shape[:-1], -1)], dim=-1)
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors):
@@ -337,41 +279,9 @@ class HistoVAE(BaseModuleClass):
             "z_views": inference_outputs.get("z_views"),
         }
 
-    def spatial_precision(self, scale: str = "spot") -> torch.Tensor:
-        """lambda >= 0 per latent dimension: the precision of the neighbour expert of the
-        spatial prior at ``scale`` (``"spot"`` or ``"domain"``)."""
-        return self.spatial_log_precision[("spot", "domain").index(scale)].exp()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # models saved while the niche was Poisson (a few hours of development on 2026-12-03)
-        # have no dispersion: theta = 1, the initialisation's scale
-        if self.use_niche and prefix + "niche_r" not in state_dict:
-            state_dict[prefix + "niche_r"] = torch.zeros_like(self.niche_r)
-        # models saved before the view gates existed load with every gate open (= their
-        # plain product of experts)
-        if self.view_gating and prefix + "view_log_gates" not in state_dict:
-            state_dict[prefix + "view_log_gates"] = torch.zeros_like(self.view_log_gates)
-        # models saved before the spatial prior existed load with it off (lambda = 1e-3)
-        if self.spatial_prior and prefix + "spatial_log_precision" not in state_dict:
-            state_dict[prefix + "spatial_log_precision"] = torch.full_like(
-                self.spatial_log_precision, float(np.log(1e-3))
-            )
-            state_dict[prefix + "evidence_scale"] = torch.ones(())
-            state_dict[prefix + "neighbor_bandwidth"] = torch.ones(2)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @auto_move_data
-    def inference(
-        self,
-        x,
-        cat_list,
-        cont=None,
-        views=None,
-        n_samples: int = 1,
-    ):
-        """q(z | x, views, s) as a product of Gaussian experts (the N(0, I) prior included);
-        also returns the data's experts alone (``data_precision``, ``data_weighted_mean``), from
-        which the spatial posterior is built."""
+    def inference(self, x, cat_list, cont=None, views=None, n_samples: int = 1):
+        """q(z | x, views, s) as a product of Gaussian experts (the N(0, I) prior included)."""
         library = x.sum(-1, keepdim=True)
         x_in = self._log_input(x, cont)
         view_inputs, encoder_masks = {}, {}
@@ -388,9 +298,9 @@ class HistoVAE(BaseModuleClass):
                 mask = mask * keep
             encoder_masks[name] = mask
         experts = self._experts(x_in, {n: v for n, (v, _) in view_inputs.items()}, cat_list, cont)
-        data_precision, data_weighted_mean = self._product(experts, encoder_masks)
-        precision = data_precision + 1.0
-        mean = data_weighted_mean / precision
+        precision, weighted_mean = self._product(experts, encoder_masks)
+        precision = precision + 1.0
+        mean = weighted_mean / precision
         qz = Normal(mean, precision.rsqrt())
         shape = mean.shape if n_samples == 1 else (n_samples, *mean.shape)
         eps = torch.randn(shape, device=mean.device, dtype=mean.dtype)
@@ -404,18 +314,13 @@ class HistoVAE(BaseModuleClass):
                 experts, encoder_masks, detach_gates=True
             )
             fixed_precision = fixed_precision + 1.0
-            fixed_mean = fixed_weighted_mean / fixed_precision
-            z_views = fixed_mean + fixed_precision.rsqrt() * eps
+            z_views = fixed_weighted_mean / fixed_precision + fixed_precision.rsqrt() * eps
         return {
             "z": z,
             "z_views": z_views,
             "qz": qz,
-            "experts": experts,
-            "data_precision": data_precision,
-            "data_weighted_mean": data_weighted_mean,
             "library": library,
             "view_inputs": view_inputs,
-            "encoder_masks": encoder_masks,
         }
 
     def _log_input(self, counts, cont):
@@ -438,7 +343,7 @@ class HistoVAE(BaseModuleClass):
             experts[name] = (mu_v, var_v)
         return experts
 
-    def view_gates(self) -> dict[str, torch.Tensor]:
+    def view_gates(self) -> dict[str, torch.Tensor | None]:
         """Each view's gate per latent dimension: the factor on its expert's precision."""
         if not self.view_gating:
             return {name: None for name in self.view_names}
@@ -463,13 +368,6 @@ class HistoVAE(BaseModuleClass):
             weighted_mean = weighted_mean + weight * mu_v
         return precision, weighted_mean
 
-    def _fuse(self, x_in, view_values, view_masks, cat_list, cont):
-        """Posterior mean and precision of the product of the data's experts and N(0, I)."""
-        experts = self._experts(x_in, view_values, cat_list, cont)
-        precision, weighted_mean = self._product(experts, view_masks)
-        precision = precision + 1.0
-        return weighted_mean / precision, precision
-
     @auto_move_data
     def generative(
         self,
@@ -483,17 +381,11 @@ class HistoVAE(BaseModuleClass):
     ):
         if transform_batch is not None:
             cat_list = [torch.full_like(cat_list[0], int(transform_batch))] + list(cat_list[1:])
-        z_in = z if cont is None else torch.cat([z, cont.expand(*z.shape[:-1], -1)], dim=-1)
+        z_in = self._with_cont(z, cont)
         px_scale, px_rate = _decode_nb(self.decoder, z_in, torch.log(library), cat_list)
         px = NegativeBinomial(mu=px_rate, theta=self.px_r.exp(), scale=px_scale)
         out = {"px": px, "pz": Normal(torch.zeros_like(z), torch.ones_like(z))}
-        zv_in = z_in
-        if z_views is not None and z_views is not z:
-            zv_in = (
-                z_views
-                if cont is None
-                else torch.cat([z_views, cont.expand(*z.shape[:-1], -1)], -1)
-            )
+        zv_in = z_in if z_views is None or z_views is z else self._with_cont(z_views, cont)
         out["pviews"] = {
             name: self.view_decoders[name](zv_in, *cat_list) for name in self.view_names
         }
@@ -508,42 +400,6 @@ class HistoVAE(BaseModuleClass):
                 mu=niche_rate, theta=self.niche_r.exp(), scale=niche_scale
             )
         return out
-
-    def _view_disagreement(self, inference_outputs) -> torch.Tensor:
-        """Jeffreys divergence between each view's expert and the expression expert (as
-        MultiVI's modality penalty), over the spots that have the view."""
-        experts = inference_outputs["experts"]
-        mu_x, var_x = experts["expression"]
-        total = 0.0
-        for name, (_, mask) in inference_outputs["view_inputs"].items():
-            mu_v, var_v = experts[name]
-            d2 = (mu_v - mu_x) ** 2
-            jeffreys = 0.5 * ((var_v + d2) / var_x + (var_x + d2) / var_v - 2.0)
-            total = total + (jeffreys.sum(-1) * mask).sum() / mask.sum().clamp(min=1.0)
-        return total
-
-    def _other_samples(self, batch: torch.Tensor) -> torch.Tensor:
-        """A random sample code different from each spot's own (uniform over the others)."""
-        shift = torch.randint_like(batch, 1, self.n_batch)
-        return torch.remainder(batch + shift, self.n_batch)
-
-    def _cycle_loss(self, tensors, inference_outputs):
-        """Latent cycle consistency (as sysVI): decode each spot's z in another, random sample,
-        re-encode the expected counts and view embeddings with that sample's covariates (the
-        same experts as the spot's own posterior), and ask for the same posterior mean. The
-        encoders then remove exactly the sample effect that the decoders add, without forcing
-        samples with different tissue compositions onto each other."""
-        cat_list, cont = self._covariates(tensors)
-        cat_other = [self._other_samples(cat_list[0])] + list(cat_list[1:])
-        z = inference_outputs["z"]
-        library = inference_outputs["library"]
-        z_in = z if cont is None else torch.cat([z, cont], dim=-1)
-        _, rate = _decode_nb(self.decoder, z_in, torch.log(library), cat_other)
-        x_in = self._log_input(rate, cont)
-        masks = inference_outputs.get("encoder_masks", {})
-        views = {name: self.view_decoders[name](z_in, *cat_other).loc for name in masks}
-        mu_cycle, _ = self._fuse(x_in, views, masks, cat_other, cont)
-        return ((inference_outputs["qz"].loc - mu_cycle) ** 2).sum(-1).mean()
 
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
         x = tensors[REGISTRY_KEYS.X_KEY]
@@ -564,34 +420,4 @@ class HistoVAE(BaseModuleClass):
             reconstruction["niche"] = nll * (self.niche_weight / self.n_neighbors)
 
         loss = torch.mean(sum(reconstruction.values()) + kl_weight * kl_z)
-        extra = {}
-        if self.batch_classifier is not None and self.alignment_weight > 0:
-            # The classifier learns to tell samples apart from z; the reversed gradient teaches
-            # the encoders to make z uninformative of the sample.
-            logits = self.batch_classifier(_GradientReversal.apply(qz.loc, 1.0))
-            target = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1)
-            adv = F.cross_entropy(logits, target)
-            loss = loss + self.alignment_weight * adv
-            extra["adversarial_ce"] = adv.detach()
-        if self.anchor_weight > 0 and ANCHOR_TARGET_KEY in tensors:
-            # Pull spots towards the latent of their mutual nearest neighbours in other samples.
-            target = tensors[ANCHOR_TARGET_KEY]
-            mask = tensors[ANCHOR_MASK_KEY].view(-1)
-            pull = ((qz.loc - target) ** 2).sum(-1) * mask
-            anchor = pull.sum() / mask.sum().clamp(min=1.0)
-            loss = loss + self.anchor_weight * anchor
-            extra["anchor"] = anchor.detach()
-        if self.view_agreement_weight > 0 and inference_outputs["view_inputs"]:
-            agreement = self._view_disagreement(inference_outputs)
-            loss = loss + self.view_agreement_weight * agreement
-            extra["view_disagreement"] = agreement.detach()
-        if self.cycle_weight > 0 and self.n_batch > 1:
-            cyc = self._cycle_loss(tensors, inference_outputs)
-            loss = loss + self.cycle_weight * cyc
-            extra["cycle"] = cyc.detach()
-        return LossOutput(
-            loss=loss,
-            reconstruction_loss=reconstruction,
-            kl_local={"kl_z": kl_z},
-            extra_metrics=extra,
-        )
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local={"kl_z": kl_z})
