@@ -992,9 +992,9 @@ CASES = [
     Case(
         "HistoVI",
         "negative-weight",
-        lambda c: tiny_model(c.adata(), cycle_weight=-1.0),
+        lambda c: tiny_model(c.adata(), niche_weight=-1.0),
         ValueError,
-        r"cycle_weight=-1\.0: pass a finite weight >= 0",
+        r"niche_weight=-1\.0: pass a finite weight >= 0",
     ),
     Case(
         "HistoVI",

@@ -90,8 +90,6 @@ def test_input_h5ad_options_and_reload(tmp_path, small_adata):
         "100",
         "--max-epochs",
         "1",
-        "--latent-scale",
-        "own",
         "--quiet",
     ]
     assert cli.main(argv) == 0
@@ -107,12 +105,8 @@ def test_input_h5ad_options_and_reload(tmp_path, small_adata):
 
     model = HistoVI.load(out / "model", adata=adata)
     np.testing.assert_allclose(
-        model.get_latent_representation(spatial=False),
-        adata.obsm["X_histovi"],
-        rtol=1e-5,
-        atol=1e-6,
+        model.get_latent_representation(), adata.obsm["X_histovi"], rtol=1e-5, atol=1e-6
     )
-    assert "spatial=False" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
@@ -135,14 +129,6 @@ def test_bad_input_exit_code_2(tmp_path, capsys, small_adata, extra, message):
     assert err[-1].startswith("histovi: error: ")
     assert message in err[-1]
     assert not any("Traceback" in line for line in err)
-
-
-def test_unknown_latent_scale_names_the_choices(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["run", "--latent-scale", "layer"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "--latent-scale: invalid choice: 'layer'" in err and "'domain'" in err
 
 
 def test_unreadable_and_uncounted_input(tmp_path, capsys, small_adata):

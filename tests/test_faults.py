@@ -121,11 +121,11 @@ STOPS_EARLY = {
 @pytest.mark.parametrize(
     ("model_kwargs", "train_kwargs", "crash_epoch"),
     [
-        ({"cycle_weight": 1.0, "alignment_weight": 1.0, "anchor_weight": 1.0}, {}, 2),
+        ({"view_gating": False, "niche_weight": 2.0}, {}, 2),
         ({"view_dropout": 0.5}, {"check_val_every_n_epoch": 1, "train_size": 0.8}, 2),
         ({}, STOPS_EARLY, 1),
     ],
-    ids=["alignment-terms", "validation-every-epoch", "early-stopping"],
+    ids=["options", "validation-every-epoch", "early-stopping"],
 )
 def test_resume_reproduces_every_option(
     tmp_path, tiny_adata, model_kwargs, train_kwargs, crash_epoch

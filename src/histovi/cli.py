@@ -40,8 +40,6 @@ DOMAIN_KEY = "histovi_domain"
 DEFAULT_SIM = {"n_patients": 4, "n_sections_per_patient": 2, "grid_size": 20, "n_genes": 600}
 #: ``obs`` columns tried, in order, as ground truth when ``--label-key`` is not given.
 LABEL_CANDIDATES = ("label", "domain")
-#: ``--latent-scale`` -> ``HistoVI.get_latent_representation(spatial=...)``.
-LATENT_SCALES = {"spot": "spot", "domain": "domain", "own": False}
 
 EPILOG = """\
 what it writes into --out:
@@ -190,14 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ID",
         help="only these values of --sample-key (e.g. --samples A1 B1 C1 D1)",
-    )
-    run.add_argument(
-        "--latent-scale",
-        choices=LATENT_SCALES,
-        default="spot",
-        help="how much each spot's latent borrows from its spatial neighbours: 'spot' (any "
-        "tissue), 'domain' (smooth, layered tissue such as cortex), 'own' (none); see "
-        "HistoVI.get_latent_representation(spatial=...) (default: %(default)s)",
     )
     run.add_argument(
         "--spatial-smoothing",
@@ -810,10 +800,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             n_epochs = int(model.history["elbo_train"].index[-1]) + 1
             settings["model"] = model._model_summary_string
             settings["epochs"] = n_epochs
-            settings["latent"] = f"spatial={LATENT_SCALES[args.latent_scale]!r}"
-            adata.obsm[LATENT_KEY] = model.get_latent_representation(
-                spatial=LATENT_SCALES[args.latent_scale]
-            )
+            adata.obsm[LATENT_KEY] = model.get_latent_representation()
         with prog.step(steps[5]):
             n_domains = args.n_domains
             if n_domains is None and label_key is not None:
