@@ -61,7 +61,7 @@ def test_killed_training_resumes_to_the_uninterrupted_latent(tmp_path, tiny_adat
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
-    saved = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1  # the end of the last complete epoch before the kill
 
     resumed = tiny_model(tiny_adata.copy())
@@ -199,7 +199,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_
         tiny_model(tiny_adata).train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
 # ------------------------------------------------------------------ divergence
@@ -286,7 +286,7 @@ def _saved(tiny_trained, tmp_path, edit=None):
     path = tmp_path / "model"
     tiny_trained.save(path, overwrite=True)
     if edit is not None:
-        saved = torch.load(path / "model.pt", weights_only=False)
+        saved = torch.load(path / "model.pt", weights_only=True)
         edit(saved, path)
         if (path / "model.pt").exists() and saved:
             torch.save(saved, path / "model.pt")

@@ -178,7 +178,7 @@ def test_save_load_keeps_the_spatial_prior_and_old_models_load_without_it(small_
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
     # a model saved before the spatial prior existed: no buffers in its state
     path = tmp_path / "m" / "model.pt"
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     for key in ("spatial_log_precision", "evidence_scale", "neighbor_bandwidth"):
         del saved["model_state_dict"][key]
     torch.save(saved, path)

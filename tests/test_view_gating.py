@@ -89,7 +89,7 @@ def test_training_moves_the_gates_and_old_models_load_with_open_gates(adata, tmp
         HistoVI.load(tmp_path / "m", adata=adata).get_latent_representation(), z
     )
     path = tmp_path / "m" / "model.pt"
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     del saved["model_state_dict"]["view_log_gates"]
     torch.save(saved, path)
     old = HistoVI.load(tmp_path / "m", adata=adata)

@@ -50,12 +50,16 @@ from ._checks import (
 )
 from ._saving import (
     VERSIONS_ATTR,
+    SavedReference,
     atomic_save,
     check_load_adata,
     current_versions,
+    load_model,
+    load_registry,
     read_saved_model,
     version_note,
     warn_if_other_version,
+    write_model,
 )
 from ._training import HistoTrainingPlan, HistoTrainRunner, prepare_training
 
@@ -859,7 +863,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                     "HistoVI.prepare_query_anndata(query, reference_model) first."
                 )
         _check_view_records(adata, record)
-        model = super().load_query_data(adata, reference_model, **kwargs)
+        # a folder goes to scvi-tools as the model it holds, read safely (scvi-tools would
+        # unpickle a folder's file with weights_only=False)
+        source = SavedReference(ref.saved) if ref.saved is not None else reference_model
+        model = super().load_query_data(adata, source, **kwargs)
         _restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
         # The adversary was trained on the reference batches only; aligning a lone query batch
         # against frozen reference batches is not what it learnt, so it is off for queries.
@@ -886,7 +893,15 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         torch are saved with the model, so :meth:`load` can say what differs.
         """
         setattr(self, VERSIONS_ATTR, current_versions())
-        atomic_save(super().save, dir_path, prefix, overwrite, save_anndata=save_anndata, **kwargs)
+        # histovi's safe format (tensors and plain values), not scvi-tools' pickle
+        atomic_save(
+            lambda path, **kw: write_model(self, path, **kw),
+            dir_path,
+            prefix,
+            overwrite,
+            save_anndata=save_anndata,
+            **kwargs,
+        )
 
     @classmethod
     def load(cls, dir_path, adata=None, **kwargs) -> HistoVI:
@@ -898,12 +913,17 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         scvi-tools only warns about), weights that do not fit this version of histovi (with the
         versions that saved the model). A model saved with another histovi version loads with a
         warning.
+
+        Loading never runs code from the folder: ``model.pt`` is read with
+        ``torch.load(weights_only=True)`` (histovi's safe format); a file that needs more (a
+        crafted file, or a model saved by histovi before that format) is refused with the fix
+        (:func:`histovi.model.convert_saved_model` for files you trust).
         """
         saved = read_saved_model(dir_path, kwargs.get("prefix"))
         check_load_adata(adata, saved, dir_path)
         warn_if_other_version(saved, dir_path)
         try:
-            model = super().load(dir_path, adata=adata, **kwargs)
+            model = load_model(cls, dir_path, adata=adata, saved=saved, **kwargs)
         except RuntimeError as err:
             if "state_dict" not in str(err):
                 raise
@@ -915,6 +935,37 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             ) from err
         _restore_encoder_input(model)
         return model
+
+    # scvi-tools' readers of a saved folder unpickle its file (weights_only=False): read safely
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict:
+        """The registry saved with a HistoVI model, read without running code."""
+        return load_registry(dir_path, prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
+        """Print the setup arguments of a saved HistoVI model (read without running code)."""
+        from scvi.data import AnnDataManager
+
+        AnnDataManager.view_setup_method_args(load_registry(dir_path, prefix))
+
+    @staticmethod
+    def prepare_query_mudata(mdata, reference_model, **kwargs):
+        """scvi-tools' ``prepare_query_mudata``; a saved folder is read without running code."""
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = SavedReference(read_saved_model(reference_model))
+        return ArchesMixin.prepare_query_mudata(mdata, reference_model, **kwargs)
+
+    @classmethod
+    def convert_legacy_save(cls, *args, **kwargs):
+        """Not for HistoVI: its models were never saved in scvi-tools' format before 0.15 (see
+        :func:`histovi.model.convert_saved_model` for models of earlier histovi releases)."""
+        raise NotImplementedError(
+            "HistoVI.convert_legacy_save converts scvi-tools < 0.15 files, which no HistoVI was "
+            "saved as. For a model saved by an earlier histovi, use "
+            "histovi.model.convert_saved_model(old_dir, new_dir, trust_pickle=True) on files "
+            "you trust."
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -961,8 +1012,9 @@ class _ReferenceInfo:
     """What query mapping needs from a reference given as a model or a saved-model folder."""
 
     def __init__(self, reference_model):
+        self.saved = None
         if isinstance(reference_model, str | os.PathLike):
-            saved = read_saved_model(reference_model)
+            saved = self.saved = read_saved_model(reference_model)
             attr_dict, var_names, state_dict = (
                 saved["attr_dict"],
                 saved["var_names"],

@@ -319,8 +319,15 @@ def embed_morphology(
             encoder = _encoder_from_record(rec)
             if rec.get("encoder_kind") == "checkpoint":
                 encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
-                if str(encoder).startswith("file:"):  # a pickled module: the file is the encoder
-                    encoder, checkpoint_path = checkpoint_path, None
+                if str(encoder).startswith("file:"):
+                    # a whole pickled module: loading it runs code, and its path comes from a
+                    # data file, not from the user
+                    raise ValueError(
+                        f"the reference was embedded with a pickled module file "
+                        f"{str(checkpoint_path)!r}, which histovi does not open from a data "
+                        "file's record (unpickling runs code). If you trust that file, load it "
+                        "yourself (torch.load(path, weights_only=False)) and pass it as encoder="
+                    )
                 if not os.path.exists(rec["checkpoint_path"]):
                     raise ValueError(
                         f"the reference encoder's weights file {rec['checkpoint_path']!r} is gone: pass "
