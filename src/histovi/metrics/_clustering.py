@@ -90,7 +90,7 @@ def per_sample_scores(
 
 def n_label_classes(labels: Any, ignore: Iterable[str] = ("undetermined",)) -> int:
     """Number of distinct labels among labelled spots (missing and ignored values excluded)."""
-    labels = as_str_array(labels)
+    labels = as_str_array(labels, "labels")
     return int(len(np.unique(labels[labelled_mask(labels, ignore)].astype(str))))
 
 
@@ -134,8 +134,8 @@ def cluster_and_score(
     Tidy DataFrame with columns ``method, seed, sample, n_spots, ARI, NMI``; pass it to
     :func:`summarize` for mean and spread.
     """
-    labels = as_str_array(labels)
-    samples = as_str_array(samples)
+    labels = as_str_array(labels, "labels")
+    samples = as_str_array(samples, "samples")
     if labels.shape[0] != samples.shape[0]:
         raise ValueError(
             f"`labels` ({labels.shape[0]}) and `samples` ({samples.shape[0]}) differ in length: "

@@ -44,6 +44,7 @@ from ._checks import (
     check_categorical_covariates,
     check_inference_adata,
     check_key_lists,
+    check_labels_column,
     check_mudata_inputs,
     check_query_genes,
     query_neighbors_context,
@@ -411,6 +412,7 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             continuous_covariate_keys,
             # a query (set up from a reference's registry) may lack a view entirely
             allow_missing_views="source_registry" in kwargs,
+            allow_missing_labels=bool(kwargs.get("allow_missing_labels")),
         )
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
@@ -579,6 +581,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                             "reference=...))."
                         )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _make_data_loader(self, adata, indices=None, *args, **kwargs):
+        # every output method of scvi-tools (expression, ELBO, samples ...) takes indices=:
+        # a scalar or a 2-D array is refused here with the fix, not deep in the loader
+        check_indices(indices, adata.n_obs)
+        return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -795,7 +803,9 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
             obs=adata.obs.copy(),
             var=pd.DataFrame(index=ref_genes),
             obsm={k: v.copy() for k, v in adata.obsm.items()},
-            uns={k: v for k, v in adata.uns.items()},
+            # a deep copy: the query's records (changed later, e.g. by embed_morphology or
+            # load_query_data) must not be the caller's objects
+            uns=copy.deepcopy(dict(adata.uns)),
         )
         if layer is not None:
             query.layers[layer] = aligned
@@ -1129,6 +1139,7 @@ def _check_setup_inputs(
     categorical_covariate_keys,
     continuous_covariate_keys,
     allow_missing_views=False,
+    allow_missing_labels=False,
 ):
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no spots.")
@@ -1140,6 +1151,8 @@ def _check_setup_inputs(
             require_obs(adata, key, f"Pass {what}= naming an existing column, or None.")
     if batch_key is not None and adata.obs[batch_key].isna().any():
         raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    if labels_key is not None and not allow_missing_labels:
+        check_labels_column(adata, labels_key)
     for key in list(categorical_covariate_keys or []) + list(continuous_covariate_keys or []):
         require_obs(adata, key, "Remove it from the covariate keys or add the column.")
     for key in continuous_covariate_keys or []:

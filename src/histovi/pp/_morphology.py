@@ -290,6 +290,11 @@ def embed_morphology(
     """
     rec = _get_record(reference)
     # ---------------- validate arguments and reconcile them with the reference ---------------
+    if key_added == spatial_key:
+        raise ValueError(
+            f"key_added={key_added!r} is spatial_key: the embedding would replace the spot "
+            "coordinates it is cut from; pass another key_added (default 'X_morphology')."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if num_workers < 0:

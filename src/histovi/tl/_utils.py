@@ -179,7 +179,17 @@ def record_settings(adata: AnnData, name: str, settings: dict[str, Any]) -> None
     uns[name] = clean
 
 
-def as_str_array(values: Sequence[Any] | pd.Series | np.ndarray) -> np.ndarray:
-    """Object array of strings, with missing values kept as None."""
-    s = pd.Series(np.asarray(values, dtype=object))
+def as_str_array(
+    values: Sequence[Any] | pd.Series | np.ndarray, name: str = "values"
+) -> np.ndarray:
+    """Object array of strings, with missing values kept as None; one value per spot (1-D)."""
+    if isinstance(values, str | bytes):
+        raise ValueError(f"`{name}` is a single string: pass one value per spot.")
+    arr = np.asarray(values, dtype=object)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"`{name}` has shape {arr.shape}: pass one value per spot (a 1-D list, array or "
+            "Series)."
+        )
+    s = pd.Series(arr)
     return np.where(s.notna(), s.astype(str), None).astype(object)
