@@ -552,6 +552,11 @@ def _load_geneformer(model_path: str | Path | None) -> tuple[Any, Path, str]:
             f"{str(local)!r} has no config.json: point model_path at the folder holding the "
             "Geneformer weights (e.g. .../Geneformer-V2-104M)."
         )
+    from .._files import check_regular_file
+
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        if (local / name).exists():  # a FIFO there would block transformers' reader
+            check_regular_file(local / name, "Geneformer file")
     # BertModel.from_pretrained also reads BertForMaskedLM / classifier checkpoints (it strips
     # the 'bert.' prefix and ignores the heads), which is how Geneformer models are saved.
     # The masked-LM head is unused here; silence transformers' report of its unexpected keys.

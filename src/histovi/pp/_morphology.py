@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
-from .._files import atomic_write
+from .._files import atomic_write, open_regular
 from .._threads import keeps_torch_threads
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
@@ -629,7 +629,7 @@ class _SectionStore:
         if not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with open_regular(path, "checkpoint file") as fh, np.load(fh, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 out = {
                     "embedding": np.asarray(f["embedding"], np.float32),
@@ -680,7 +680,8 @@ class _SectionStore:
         path = self.folder / "stain.json"
         if not path.exists():
             return None
-        saved = json.loads(path.read_text())
+        with open_regular(path, "checkpoint file") as fh:  # never a FIFO, which would block
+            saved = json.loads(fh.read().decode())
         self._compare(saved["meta"], self._stain_meta(plans), "the stain normalisation")
 
         def arrays(params):
