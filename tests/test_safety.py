@@ -807,6 +807,29 @@ def test_label_transfer_far_from_the_reference_votes_on_finite_weights(tiny_trai
         assert w[0, 0] == w.max()
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_clustering_and_label_transfer_do_not_degrade_at_extreme_scales(tiny_trained, scale):
+    """Squared distances underflow to 0 or overflow to inf far from unit scale: one cluster,
+    Leiden with a cluster per spot, NaN kNN weights, without an error. The embedding is now
+    rescaled by a power of two there (exact), so the answers are those at unit scale."""
+    adata = _latent_like(tiny_trained.adata.copy())
+    z = np.asarray(adata.obsm["X_histovi"], dtype=np.float64)
+    for method in ("gmm", "kmeans", "leiden"):
+        np.testing.assert_array_equal(
+            histovi.tl.cluster_embedding(z * scale, 3, method),
+            histovi.tl.cluster_embedding(z, 3, method),
+        )
+    query = adata.copy()
+    unit = histovi.tl.transfer_labels(adata, query, label_key="domain", inplace=False)
+    adata.obsm["X_histovi"] = z * scale
+    query.obsm["X_histovi"] = z * scale
+    scaled = histovi.tl.transfer_labels(adata, query, label_key="domain", inplace=False)
+    # scArches' kernel depends on the scale (exp(-d s^2 / 4)): close to, not equal to, unit
+    assert scaled["domain"].notna().all()
+    assert np.isfinite(scaled["domain_uncertainty"]).all()
+    assert (scaled["domain"] == unit["domain"]).mean() > 0.9
+
+
 @pytest.mark.parametrize(
     ("indices", "what"),
     [(5, "a single number"), (np.array([[0, 1], [2, 3]]), "2-D"), ("P1_S1_0", "a string")],

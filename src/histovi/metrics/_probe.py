@@ -16,6 +16,7 @@ from ..tl._utils import (
     get_obs_column,
     get_rep,
     labelled_mask,
+    well_scaled,
 )
 
 
@@ -90,6 +91,7 @@ def label_probe(
     X = get_rep(
         adata, embedding_key, hint="store the embedding there or pass `embedding_key=` naming it"
     )
+    (X,) = well_scaled(X)  # kNN distances that neither over- nor underflow
     labels = as_str_array(get_obs_column(adata, label_key))
     samples = as_str_array(get_obs_column(adata, sample_key)).astype(str)
     groups = samples if group_key is None else as_str_array(get_obs_column(adata, group_key))

@@ -58,11 +58,12 @@ def cluster_embedding(
     n_neighbors
         Size of the kNN graph for ``leiden``.
     """
-    from ._utils import check_embedding
+    from ._utils import check_embedding, well_scaled
 
     if n_clusters is not None and isinstance(n_clusters, np.ndarray) and n_clusters.ndim == 0:
         n_clusters = n_clusters.item()
     X = check_embedding(X, name="X")
+    (X,) = well_scaled(X)  # extreme scales: rescaled exactly, or GMM / k-means degrade silently
     n = X.shape[0]
     if n_clusters is not None and (
         isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer)

@@ -7,7 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import LATENT_KEY
-from ._utils import check_adata, get_obs_column, get_rep, record_settings
+from ._utils import check_adata, get_obs_column, get_rep, record_settings, well_scaled
 
 
 def _knn_weights(distances: np.ndarray) -> np.ndarray:
@@ -117,6 +117,7 @@ def transfer_labels(
         )
     codes = pd.Categorical(labels[known], categories=categories).codes
     n_cat = len(categories)
+    ref_rep, qry_rep = well_scaled(ref_rep, qry_rep)  # distances that neither over- nor underflow
     k = int(min(n_neighbors, known.sum()))
     nn = NearestNeighbors(n_neighbors=k).fit(ref_rep[known])
     distances, indices = nn.kneighbors(qry_rep)

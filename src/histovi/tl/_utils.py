@@ -75,6 +75,23 @@ def check_embedding(
     return X
 
 
+#: Embeddings whose largest absolute value lies outside this range are rescaled before
+#: clustering and nearest-neighbour searches (squared distances overflow or underflow there).
+_SANE_SCALE = (1e-30, 1e30)
+
+
+def well_scaled(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` divided by one power of two (exact: the geometry is unchanged) when their
+    largest absolute value is far outside ``[1e-30, 1e30]``, where squared distances overflow
+    to inf or underflow to 0 and clusterings and kNN votes silently degrade (one cluster, NaN
+    weights); as they are otherwise, so that results on ordinary data do not change."""
+    peak = max((float(np.abs(a).max()) if a.size else 0.0) for a in arrays)
+    if peak == 0.0 or _SANE_SCALE[0] <= peak <= _SANE_SCALE[1]:
+        return arrays
+    factor = np.ldexp(1.0, -int(np.frexp(peak)[1]))  # 2**-e with peak = m * 2**e, 0.5 <= m < 1
+    return tuple(np.asarray(a, dtype=np.float64) * factor for a in arrays)
+
+
 def get_obs_column(adata: AnnData, key: str, name: str = "adata", hint: str = "") -> pd.Series:
     """Return ``adata.obs[key]`` or raise a KeyError naming the key."""
     if key not in adata.obs.columns:
