@@ -885,6 +885,30 @@ def test_a_mudata_whose_expression_misses_spots_names_the_expression_modality(ti
         assert "intersect_obs" in message and "'morph'" not in message
 
 
+def test_a_single_value_is_not_read_as_its_characters(tiny_trained):
+    """ignore='gland' ignored the letters g, l, a, n, d (and scored 'gland'); a method, seed or
+    section id given alone was split or failed on len()."""
+    import matplotlib.pyplot as plt
+
+    adata = _latent_like(tiny_trained.adata.copy())
+    adata.obs["cluster"] = adata.obs["domain"]
+    one = histovi.metrics.per_sample_scores(adata, "domain", "cluster", ignore="gland")
+    many = histovi.metrics.per_sample_scores(adata, "domain", "cluster", ignore=("gland",))
+    assert one.equals(many)
+    assert histovi.metrics.n_label_classes(adata.obs["domain"], ignore="gland") == (
+        adata.obs["domain"].nunique() - 1
+    )
+    z, labels, samples = adata.obsm["X_histovi"], adata.obs["domain"], adata.obs["sample"]
+    single = histovi.metrics.cluster_and_score(z, labels, samples, methods="kmeans", seeds=0)
+    listed = histovi.metrics.cluster_and_score(z, labels, samples, methods=["kmeans"], seeds=[0])
+    assert single.equals(listed)
+    fig = histovi.pl.domains(adata, color="domain", samples=str(samples.iloc[0]))
+    assert len([ax for ax in fig.axes if ax.get_visible() and ax.collections]) == 1
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"`n_folds`=2\.5 must be a whole number"):
+        histovi.metrics.label_probe(adata, "X_histovi", label_key="domain", n_folds=2.5)
+
+
 def test_arrays_of_the_wrong_shape_are_refused_by_the_array_functions(tiny_trained):
     adata = _latent_like(tiny_trained.adata.copy())
     z = adata.obsm["X_histovi"]

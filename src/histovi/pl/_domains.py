@@ -133,7 +133,8 @@ def domains(
     if samples is None:
         samples = present
     else:
-        samples = [str(s) for s in samples]
+        # one section id given as a string: not its characters
+        samples = [samples] if isinstance(samples, str) else [str(s) for s in samples]
         unknown = [s for s in samples if s not in present]
         if unknown:
             raise ValueError(

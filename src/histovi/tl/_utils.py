@@ -116,7 +116,8 @@ def get_cluster_column(adata: AnnData, cluster_key: str) -> pd.Series:
 def labelled_mask(labels: Any, ignore: Iterable[str] = ()) -> np.ndarray:
     """Boolean mask of spots with a usable label: not missing and not in ``ignore``."""
     s = pd.Series(np.asarray(labels, dtype=object))
-    ignored = {str(v) for v in ignore}
+    # one value to ignore given as a string: that value, not its characters
+    ignored = {ignore} if isinstance(ignore, str) else {str(v) for v in ignore}
     return (s.notna() & ~s.astype(str).isin(ignored)).to_numpy()
 
 
