@@ -411,6 +411,26 @@ def test_an_embedding_checkpoint_that_is_a_fifo_never_blocks(tmp_path, tiny_adat
 
 
 @needs_fifo
+def test_a_zarr_store_with_a_fifo_or_a_link_out_is_refused(tmp_path, capsys):
+    from histovi import cli
+
+    store = tmp_path / "study.zarr"
+    (store / "images" / "A1" / "0").mkdir(parents=True)
+    (store / "zmetadata").write_text("{}")
+    (tmp_path / "secret").write_bytes(b"not yours")
+    (store / "images" / "A1" / "0" / "0.0").symlink_to(tmp_path / "secret")
+    argv = ["run", "--input", str(store), "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "0.0" in err and "leads out of it" in err
+    (store / "images" / "A1" / "0" / "0.0").unlink()
+    os.mkfifo(store / "images" / "A1" / "0" / "0.0")
+    value, err = _no_block(lambda: cli.main(argv), [store / "images" / "A1" / "0" / "0.0"])
+    assert err is None and value == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+@needs_fifo
 def test_weights_and_dictionary_files_that_are_fifos_are_refused(tmp_path):
     from histovi.pp._encoders import resolve_encoder, sha256_file
     from histovi.pp._expression import _load_dict

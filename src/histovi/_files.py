@@ -95,6 +95,34 @@ def open_regular(path, what: str = "file") -> BinaryIO:
         raise
 
 
+def check_store_tree(folder, what: str = "store") -> None:
+    """Every entry under ``folder`` (a zarr store read file by file) is a folder or a regular
+    file inside it: ``ValueError`` naming the first FIFO, device or socket (a reader would block
+    on it) and the first symbolic link that leads out of the folder (a chunk read from a file
+    elsewhere on the machine)."""
+    import stat
+
+    root = Path(folder)
+    for base, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            entry = Path(base) / name
+            if entry.is_symlink():
+                if not is_within(entry, root):
+                    raise ValueError(
+                        f"{what} {str(root)!r} holds {str(entry.relative_to(root))!r}, a "
+                        "symbolic link that leads out of it: a data store may only hold its own "
+                        "files; replace the link by the file."
+                    )
+                if entry.is_dir():
+                    continue
+            mode = os.stat(entry).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ValueError(
+                    f"{what} {str(root)!r} holds {str(entry.relative_to(root))!r}, which is not "
+                    "a regular file (a FIFO, socket or device would block the reader): remove it."
+                )
+
+
 def is_within(path, folder) -> bool:
     """``path`` lies inside ``folder`` once both are resolved (symbolic links followed, ``..``
     removed)."""

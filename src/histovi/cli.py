@@ -349,6 +349,10 @@ def load_input(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if path.suffix == ".zarr" or (path.is_dir() and (path / "zmetadata").exists()):
             import spatialdata
 
+            from ._files import check_store_tree
+
+            if path.is_dir():  # read file by file: no FIFO, no link out of the store
+                check_store_tree(path, "--input")
             adata = io.from_spatialdata(spatialdata.read_zarr(path), sample_key=args.sample_key)
             kind = "SpatialData store"
         elif path.is_dir():
