@@ -131,7 +131,7 @@ def read_saved_model(dir_path, prefix: str | None = None, expected_class: str = 
         )
     try:
         saved = decode({k: v for k, v in raw.items() if k != FORMAT_KEY})
-    except (ValueError, TypeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever a malformed file makes decode raise
         raise ValueError(
             f"{path} is not a histovi model file ({err}): pass the folder given to "
             "HistoVI.save(...)."
