@@ -481,6 +481,16 @@ def test_an_image_declaring_too_many_pixels_is_refused_and_pillow_keeps_its_guar
     with pytest.raises(ImageReadError, match=r"10,000 pixels.*histovi\.io\.MAX_IMAGE_PIXELS"):
         FileSource(small)
     assert Image.MAX_IMAGE_PIXELS == limit
+    # TIFF: an untiled image is decoded in strips as tall as the file says; a tiled one is
+    # read tile by tile, without the limit
+    import tifffile
+
+    pixels = np.full((100, 100, 3), 128, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "strips.tif", pixels, rowsperstrip=100)
+    tifffile.imwrite(tmp_path / "tiles.tif", pixels, tile=(16, 16))
+    with pytest.raises(ImageReadError, match=r"untiled TIFF.*strips\.tif.*MAX_IMAGE_PIXELS"):
+        FileSource(tmp_path / "strips.tif")
+    assert FileSource(tmp_path / "tiles.tif").shapes == [(100, 100)]
 
 
 def test_image_readers_leave_pillow_s_guard_as_they_found_it(tmp_path, tiny_adata):

@@ -223,7 +223,8 @@ class FileSource(_Source):
         if self.is_tiff:
             import tifffile
 
-            with open_regular(self.path, "image file") as fh, tifffile.TiffFile(fh) as tf:
+            # a regular file (checked in __init__): tifffile needs the name, not a handle
+            with tifffile.TiffFile(self.path) as tf:
                 series = tf.series[0]
                 self._axes = series.axes
                 shapes = [self._yx(lv.shape, lv.axes) for lv in series.levels]
