@@ -1914,7 +1914,7 @@ def _load_older(c):
     import torch
 
     c.model.save(c.tmp / "m")
-    saved = torch.load(c.tmp / "m" / "model.pt", weights_only=False)
+    saved = torch.load(c.tmp / "m" / "model.pt", weights_only=True)
     saved["attr_dict"]["histovi_versions_"]["histovi"] = "0.0.9"
     torch.save(saved, c.tmp / "m" / "model.pt")
     HistoVI.load(c.tmp / "m", adata=c.model.adata.copy())

@@ -61,7 +61,7 @@ def test_killed_training_resumes_to_the_uninterrupted_latent(tmp_path, tiny_adat
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
-    saved = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1  # the end of the last complete epoch before the kill
 
     resumed = tiny_model(tiny_adata.copy())
@@ -199,7 +199,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_
         tiny_model(tiny_adata).train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
 # ------------------------------------------------------------------ divergence
@@ -286,7 +286,7 @@ def _saved(tiny_trained, tmp_path, edit=None):
     path = tmp_path / "model"
     tiny_trained.save(path, overwrite=True)
     if edit is not None:
-        saved = torch.load(path / "model.pt", weights_only=False)
+        saved = torch.load(path / "model.pt", weights_only=True)
         edit(saved, path)
         if (path / "model.pt").exists() and saved:
             torch.save(saved, path / "model.pt")
@@ -515,10 +515,14 @@ def test_cli_killed_run_is_finished_and_a_finished_run_never_overwritten(
     (ref / cli.STATUS_FILE).unlink()
     assert cli.main(["run", "--out", str(ref), *CLI_TINY]) == 2
     assert "adata.h5ad" in capsys.readouterr().err
-    # --overwrite replaces only histovi's outputs
+    # --overwrite replaces only histovi's outputs, also inside its folders
     (out / "notes.txt").write_text("mine")
+    (out / "model" / "notes.txt").write_text("mine too")
     assert cli.main(["run", "--out", str(out), *CLI_TINY, "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "model" / "notes.txt").read_text() == "mine too"
+    written = json.loads((out / cli.STATUS_FILE).read_text())["written"]
+    assert {"adata.h5ad", "metrics.json", "report.html", "model", "umap.png"} <= set(written)
     np.testing.assert_array_equal(_latent(out), _latent(ref))
 
 
@@ -744,6 +748,109 @@ MODIFIES = [
         "latent",
     ),
     ("pl.domains", lambda a, m: histovi.pl.domains(a, color="domain"), [], None, "latent"),
+    # every other public entry point (issue 30): read-only ones change nothing, inplace=False
+    # and copy=True change nothing, output methods add only scvi-tools' registry keys
+    (
+        "pp.embed_morphology (copy=True)",
+        lambda a, m: histovi.pp.embed_morphology(
+            a, tile_size_um=64.0, target_mpp=2.0, progress=False, copy=True
+        ),
+        [],
+        None,
+        "fresh",
+    ),
+    (
+        "tl.domains (inplace=False)",
+        lambda a, m: histovi.tl.domains(a, n_domains=3, inplace=False),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "tl.aggregate_neighbors (inplace=False)",
+        lambda a, m: histovi.tl.aggregate_neighbors(a, "X_histovi", n_hops=1, inplace=False),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "tl.transfer_labels (inplace=False)",
+        lambda a, m: histovi.tl.transfer_labels(
+            _latent_adata(m), a, label_key="domain", inplace=False
+        ),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "tl.cluster_embedding",
+        lambda a, m: histovi.tl.cluster_embedding(a.obsm["X_histovi"], 3),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "tl.smooth_labels",
+        lambda a, m: histovi.tl.smooth_labels(
+            a.obs["domain"].cat.codes.to_numpy().astype(np.int64), a.obsm["spatial_neighbors"], 2
+        ),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "metrics.cluster_and_score",
+        lambda a, m: histovi.metrics.cluster_and_score(
+            a.obsm["X_histovi"], a.obs["domain"], a.obs["sample"], methods=("kmeans",), seeds=(0,)
+        ),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "metrics.n_label_classes",
+        lambda a, m: histovi.metrics.n_label_classes(a.obs["domain"]),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "metrics.integration_scores",
+        lambda a, m: histovi.metrics.integration_scores(a, label_key="domain", n_neighbors=10),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "metrics.label_probe",
+        lambda a, m: histovi.metrics.label_probe(a, "X_histovi", label_key="domain"),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "metrics.cluster_composition",
+        lambda a, m: histovi.metrics.cluster_composition(a, "domain", label_key="domain"),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "get_normalized_expression",
+        lambda a, m: m.get_normalized_expression(a, indices=[0, 1, 2]),
+        SCVI_KEYS,
+        None,
+        "fresh",
+    ),
+    (
+        "get_latent_representation (own)",
+        lambda a, m: m.get_latent_representation(a, spatial=False),
+        SCVI_KEYS,
+        None,
+        "fresh",
+    ),
+    ("prepare_query_anndata (folder)", None, [], None, "query"),
+    ("load_query_data (folder)", None, SCVI_KEYS, "obs/_scvi_batch", "query"),
 ]
 
 
@@ -766,7 +873,7 @@ def test_inputs_change_only_in_documented_keys(
         adata = _query_pair(tiny_trained)
     else:
         adata = tiny_adata
-    if name == "pp.embed_morphology":
+    if name.startswith("pp.embed_morphology"):
         _with_images(adata)
     before = snapshot(adata)
     if name == "HistoVI.load":
@@ -776,6 +883,12 @@ def test_inputs_change_only_in_documented_keys(
         HistoVI.prepare_query_anndata(adata, tiny_trained)
     elif name == "load_query_data":
         HistoVI.load_query_data(adata, tiny_trained)
+    elif name.endswith("(folder)"):
+        tiny_trained.save(tmp_path / "m")
+        if name.startswith("prepare"):
+            HistoVI.prepare_query_anndata(adata, str(tmp_path / "m"))
+        else:
+            HistoVI.load_query_data(adata, str(tmp_path / "m"))
     else:
         call(adata, tiny_trained)
     plt.close("all")

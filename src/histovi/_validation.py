@@ -184,7 +184,18 @@ def check_indices(indices, n_obs: int, name: str = "indices") -> None:
     """Row numbers must be whole numbers in ``[0, n_obs)`` (or a boolean mask of length n_obs)."""
     if indices is None:
         return
+    if isinstance(indices, str | bytes):
+        raise ValueError(
+            f"{name}={indices!r} is a string: pass row numbers (adata.obs_names.get_indexer(names) "
+            "turns spot names into row numbers)."
+        )
     idx = np.asarray(indices)
+    if idx.ndim != 1:
+        shape = "a single number" if idx.ndim == 0 else f"a {idx.ndim}-D array of shape {idx.shape}"
+        raise ValueError(
+            f"{name} is {shape}: pass a 1-D list or array of row numbers (e.g. {name}=[5] for one "
+            "spot) or a boolean mask with one value per spot."
+        )
     if idx.dtype == bool:
         if idx.shape != (n_obs,):
             raise ValueError(

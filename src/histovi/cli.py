@@ -51,7 +51,9 @@ what it writes into --out:
   report.html    one self-contained page with all of the above and the settings used
   .histovi_run.json  the run's options and status ('running' until every output is written)
 
-A folder holding a finished run is never overwritten without --overwrite. A run killed midway
+A folder holding a finished run is never overwritten without --overwrite, and --overwrite
+replaces only the files a histovi run recorded writing there (never the input, never files
+of yours under an output name). A run killed midway
 (Ctrl-C, crash, out of time) is finished by running the same command again: training resumes
 from its last completed epoch (--out/checkpoints, removed once the run is complete).
 
@@ -337,18 +339,29 @@ def load_input(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if path.suffix == ".zarr" or (path.is_dir() and (path / "zmetadata").exists()):
             import spatialdata
 
+            from ._files import check_store_tree
+
+            if path.is_dir():  # read file by file: no FIFO, no link out of the store
+                check_store_tree(path, "--input")
             adata = io.from_spatialdata(spatialdata.read_zarr(path), sample_key=args.sample_key)
             kind = "SpatialData store"
         elif path.is_dir():
             adata = io.read_folder(path)
             kind = "folder (.h5ad + images)"
         elif path.suffix == ".h5ad":
+            from ._files import check_regular_file
+            from .io._folder import contain_image_files
+
+            check_regular_file(path, "--input")  # a FIFO would block the reader forever
             try:
                 adata = ad.read_h5ad(path)
             except OSError as err:  # h5py: not an HDF5 file, truncated, ...
                 raise ValueError(
                     f"{err} (the file is corrupted, cut short or not an .h5ad)"
                 ) from err
+            # images it names lie beside it: a file from elsewhere must not make histovi read
+            # (and draw into the report) images elsewhere on this machine
+            contain_image_files(adata, path.parent, who=f"--input {str(path)!r}")
             kind = ".h5ad file"
         else:
             raise InputError(
@@ -648,43 +661,166 @@ def _atomic_file(path: Path):
             tmp.unlink()
 
 
-def _write_status(out: Path, status: str, options: dict[str, Any]) -> None:
+#: Files histovi writes inside its output folders (the only ones ``--overwrite`` removes there).
+_DIR_FILES = {
+    "model": ("model.pt", "adata.h5ad", "mdata.h5mu"),
+    "checkpoints": ("last.ckpt",),
+}
+
+
+def _write_status(
+    out: Path, status: str, options: dict[str, Any], written: dict[str, Any] | None = None
+) -> None:
+    """The run record: its status and options, and every output it wrote (name -> size and
+    modification time, or 'dir'), so that ``--overwrite`` removes only what a run wrote."""
     from . import __version__
 
-    record = {"status": status, "histovi": __version__, "options": options, "time": time.time()}
+    record = {
+        "status": status,
+        "histovi": __version__,
+        "options": options,
+        "time": time.time(),
+        "written": dict(written or {}),
+    }
     with _atomic_file(out / STATUS_FILE) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
 
 
-def _remove_outputs(out: Path) -> None:
-    import shutil
+def _file_stamp(path: Path) -> list[int]:
+    st = os.lstat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
+
+def _read_status(out: Path) -> dict[str, Any] | None:
+    """The run record in ``out`` (None when there is none; status 'unreadable' when the file is
+    not one: a folder, a FIFO, bad JSON)."""
+    from ._files import open_regular
+
+    path = out / STATUS_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        with open_regular(path, "run record") as f:
+            status = json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return {"status": "unreadable"}
+    if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+        return {"status": "unreadable"}
+    return status
+
+
+def _existing_outputs(out: Path) -> list[str]:
+    return [
+        n for n in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / n).exists() or (out / n).is_symlink()
+    ]
+
+
+def _not_written_by_histovi(out: Path, status: dict[str, Any] | None) -> list[str]:
+    """Output names in ``out`` that no histovi run recorded writing (or changed since)."""
+    existing = _existing_outputs(out)
+    if status is None or status.get("status") == "unreadable":
+        return existing
+    written = status.get("written")
+    if not isinstance(written, dict):
+        return []  # the record of an earlier histovi, which listed no files: its outputs
+    bad = []
+    for name in existing:
+        path, rec = out / name, written.get(name)
+        if rec is None:
+            bad.append(name)
+        elif rec == "dir":
+            if path.is_symlink() or not path.is_dir():
+                bad.append(name)
+        elif path.is_symlink() or not path.is_file() or _file_stamp(path) != list(rec):
+            bad.append(f"{name} (changed since histovi wrote it)")
+    return bad
+
+
+def _input_conflicts(out: Path, args: argparse.Namespace) -> list[str]:
+    """Outputs of ``out`` that are (or hold, or lie in) the input: never to be replaced."""
+    if args.input is None:
+        return []
+    from ._files import is_within
+
+    inp = Path(args.input).expanduser()
+    if not inp.exists():
+        return []
+    conflicts = []
+    if inp.is_dir() and out.exists() and out.resolve() == inp.resolve():
+        conflicts.append("--out is the --input folder")
+    for name in (*OUTPUT_FILES, STATUS_FILE, *OUTPUT_DIRS):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            same = os.path.samefile(path, inp)
+        except OSError:
+            same = False
+        if same or is_within(inp, path) or (inp.is_dir() and is_within(path, inp)):
+            conflicts.append(name)
+    return conflicts
+
+
+def _remove_outputs(out: Path) -> None:
+    """Remove the outputs a previous run wrote (checked by :func:`check_out`): its files, and
+    in its folders only the files histovi writes there (a folder left non-empty is kept)."""
     for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
     for name in OUTPUT_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+        _remove_histovi_dir(out / name)
     (out / STATUS_FILE).unlink(missing_ok=True)
+
+
+def _remove_histovi_dir(folder: Path) -> None:
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    ours = _DIR_FILES.get(folder.name, ())
+    for f in folder.iterdir():
+        temporary = f.name.startswith(".") and f.name.endswith(".tmp")
+        if (f.name in ours or temporary) and (f.is_file() or f.is_symlink()):
+            f.unlink()
+    try:
+        folder.rmdir()
+    except OSError:  # files histovi did not write: kept, and the folder with them
+        pass
 
 
 def check_out(out: Path, args: argparse.Namespace) -> str:
     """Check ``--out`` before any work; return 'new', 'resume' or 'overwrite'.
 
-    A folder with a finished run (or with outputs and no status) is refused unless
-    ``--overwrite``; one with an unfinished run of the same options is finished; one with an
+    An output that is (or holds) the input is refused whatever the options. A folder with a
+    finished run (or with outputs and no status) is refused unless ``--overwrite``; with it,
+    only files a histovi run recorded writing there are replaced (anything else under an output
+    name is refused). One with an unfinished run of the same options is finished; one with an
     unfinished run of other options is refused.
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file: pass a folder")
+    conflicts = _input_conflicts(out, args)
+    if conflicts:
+        raise InputError(
+            f"--out {str(out)!r} would replace the input {str(args.input)!r} "
+            f"({', '.join(conflicts)}): histovi never writes over or deletes its input; choose "
+            "another --out"
+        )
     options = run_options(args)
-    status = None
-    if (out / STATUS_FILE).exists():
-        try:
-            status = json.loads((out / STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            status = {"status": "unreadable"}
-    existing = [n for n in (*OUTPUT_FILES, *OUTPUT_DIRS) if (out / n).exists()]
+    status = _read_status(out)
+    existing = _existing_outputs(out)
+    foreign = _not_written_by_histovi(out, status)
     if args.overwrite:
+        if status is not None and status.get("status") == "unreadable":
+            raise InputError(
+                f"--out {str(out)!r} holds a {STATUS_FILE} that is not a histovi run record: "
+                "histovi does not replace files it did not write; choose another --out"
+            )
+        if foreign:
+            raise InputError(
+                f"--out {str(out)!r} holds {', '.join(foreign)}, which no histovi run recorded "
+                "writing there: --overwrite replaces only histovi's own outputs. Move them away "
+                "or choose another --out"
+            )
         return "overwrite" if existing or status else "new"
     if status is not None and status.get("status") == "running":
         before = status.get("options") or {}
@@ -699,6 +835,11 @@ def check_out(out: Path, args: argparse.Namespace) -> str:
                 "the same command again to finish it, pass --overwrite to start over, or "
                 "choose another --out"
             )
+        if foreign:
+            raise InputError(
+                f"--out {str(out)!r} holds {', '.join(foreign)}, which the unfinished run did "
+                "not write: move them away or choose another --out"
+            )
         return "resume"
     if status is not None or existing:
         what = ", ".join(existing) or STATUS_FILE
@@ -709,23 +850,33 @@ def check_out(out: Path, args: argparse.Namespace) -> str:
     return "new"
 
 
-def start_out(out: Path, args: argparse.Namespace, mode: str) -> None:
+def start_out(out: Path, args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Once the input is valid: remove a previous run's outputs (``--overwrite``) and mark the
-    run as running."""
+    run as running. Returns the record of what the run has written (a resumed run's so far)."""
+    written: dict[str, Any] = {}
+    if mode == "resume":
+        written = dict((_read_status(out) or {}).get("written") or {})
+    written["checkpoints"] = "dir"  # train(checkpoint_dir=) creates it
     try:
         if mode == "overwrite":
             _remove_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_status(out, "running", run_options(args))
+        _write_status(out, "running", run_options(args), written)
     except OSError as err:
         raise InputError(f"cannot write into --out {str(out)!r}: {err.strerror or err}") from err
+    return written
+
+
+def _wrote(out: Path, written: dict[str, Any], name: str, options: dict[str, Any]) -> None:
+    """Record that the run wrote ``out / name`` (a file's size and time, or a folder)."""
+    path = out / name
+    written[name] = "dir" if path.is_dir() else _file_stamp(path)
+    _write_status(out, "running", options, written)
 
 
 # ------------------------------------------------------------------------------- the command
 def cmd_run(args: argparse.Namespace) -> int:
     """``histovi run``: see :func:`build_parser` for the options."""
-    import shutil
-
     import scvi
 
     from . import HistoVI, pp, tl
@@ -755,7 +906,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             adata, source = load_input(args)
             adata, layer, label_key = check_input(adata, args)
             # only now, with a valid input, are a previous run's outputs replaced
-            start_out(out, args, mode)
+            written = start_out(out, args, mode)
+            options = run_options(args)
             settings.update(source)
             prog.say(
                 f"  {adata.n_obs} spots, {adata.n_vars} genes, "
@@ -834,6 +986,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             result, per_sample = compute_metrics(adata, label_key, args.sample_key)
         with prog.step(steps[7]):
             pngs = figures(adata, model, out, label_key, args.sample_key)
+            for png in pngs:
+                _wrote(out, written, png.name, options)
         with prog.step(steps[8]):
             settings.update(
                 {
@@ -846,11 +1000,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 }
             )
             model.save(out / "model", overwrite=True, save_anndata=False)
+            _wrote(out, written, "model", options)
             for key in [k for k in adata.uns if k.endswith("_colors") or k in ("histovi",)]:
                 adata.uns[key] = _h5ad_safe(adata.uns[key])
             adata.uns["histovi_run"] = _h5ad_safe({"settings": settings})
             with _atomic_file(out / "adata.h5ad") as tmp:
                 adata.write_h5ad(tmp)
+            _wrote(out, written, "adata.h5ad", options)
             summary = {
                 "n_spots": int(adata.n_obs),
                 "n_genes": int(adata.n_vars),
@@ -868,6 +1024,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             }
             with _atomic_file(out / "metrics.json") as tmp:
                 tmp.write_text(json.dumps(metrics_json, indent=2, default=str))
+            _wrote(out, written, "metrics.json", options)
             report = out / "report.html"
             with _atomic_file(report) as tmp:
                 write_report(
@@ -879,9 +1036,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                     figures=pngs,
                     timings=prog.timings,
                 )
+            written["report.html"] = _file_stamp(report)
             # every output is complete: the run is finished and its checkpoint is not needed
-            _write_status(out, "complete", run_options(args))
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            _remove_histovi_dir(out / "checkpoints")
+            if not (out / "checkpoints").exists():
+                written.pop("checkpoints", None)
+            _write_status(out, "complete", options, written)
 
     headline = [f"{k} {result[k]:.3f}" for k in ("ARI_mean", "NMI_mean") if k in result]
     headline.append(f"spatial coherence {result['spatial_coherence']:.3f}")

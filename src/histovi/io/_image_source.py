@@ -16,24 +16,117 @@ lazily, so each DataLoader worker opens its own handle.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ArraySource", "DaskSource", "FileSource", "ImageReadError", "to_uint8_rgb"]
+from .._files import check_regular_file, open_regular
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ArraySource",
+    "DaskSource",
+    "FileSource",
+    "ImageReadError",
+    "open_image",
+    "pil_pixel_limit",
+    "to_uint8_rgb",
+]
+
+#: The most pixels (width x height) of a JPEG / PNG / untiled TIFF histovi opens: 1 gigapixel,
+#: a 31,600-pixel square (3 GB of RGB once decoded). Pillow's own guard against decompression
+#: bombs (a small file that declares a huge image) stops at 89 million pixels, below some H&E
+#: scans; histovi raises it to this limit only while it opens an image, and puts Pillow's back
+#: afterwards. Set ``histovi.io.MAX_IMAGE_PIXELS`` to open larger images you trust, or convert
+#: them to a tiled TIFF (read region by region, without this limit).
+MAX_IMAGE_PIXELS = 1_000_000_000
 
 
 class ImageReadError(ValueError):
-    """An image file that cannot be read or decoded (corrupted, truncated, not an image)."""
+    """An image file that cannot be read or decoded (corrupted, truncated, not an image, not a
+    regular file, or larger than :data:`MAX_IMAGE_PIXELS`)."""
 
     def __init__(self, path: str, err: BaseException):
-        super().__init__(
-            f"image file {path!r} cannot be read ({type(err).__name__}: {err}): it is "
-            "corrupted, cut short or not an image; replace it (or remove its entry to embed "
-            "the other samples)"
-        )
+        if isinstance(err, ImageTooLargeError | NotRegularFileError):
+            message = str(err)  # names the file and the fix
+        else:
+            message = (
+                f"image file {path!r} cannot be read ({type(err).__name__}: {err}): it is "
+                "corrupted, cut short or not an image; replace it (or remove its entry to embed "
+                "the other samples)"
+            )
+        super().__init__(message)
+
+
+class ImageTooLargeError(ValueError):
+    """An image declaring more pixels than :data:`MAX_IMAGE_PIXELS`."""
+
+
+class NotRegularFileError(ValueError):
+    """A path that is not a regular file (FIFO, device, folder)."""
+
+
+def max_image_pixels() -> int:
+    """The limit in force: ``histovi.io.MAX_IMAGE_PIXELS`` (which a user may change)."""
+    import histovi.io
+
+    return int(getattr(histovi.io, "MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
+
+
+def _too_large(pixels: int, where: str) -> ImageTooLargeError:
+    limit = max_image_pixels()
+    return ImageTooLargeError(
+        f"{where} declares {pixels:,} pixels, more than histovi.io.MAX_IMAGE_PIXELS "
+        f"({limit:,}): it is a decompression bomb or a scan too large to decode whole. Convert it "
+        "to a tiled TIFF (read region by region), or, if you trust the file, raise "
+        "histovi.io.MAX_IMAGE_PIXELS."
+    )
+
+
+@contextlib.contextmanager
+def pil_pixel_limit():
+    """Pillow's decompression-bomb guard at :data:`MAX_IMAGE_PIXELS` for the ``with`` block, as
+    an error (Pillow only warns between its limit and twice it); Pillow's own setting is put
+    back afterwards."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def open_image(path, what: str = "image file"):
+    """Open an image with Pillow (header only, decoded when used): a regular file only (a FIFO
+    would block), within :data:`MAX_IMAGE_PIXELS` (``ImageTooLargeError`` otherwise)."""
+    from PIL import Image
+
+    try:
+        f = open_regular(path, what)
+    except ValueError as err:
+        raise NotRegularFileError(str(err)) from None
+    try:
+        with pil_pixel_limit():
+            im = Image.open(f)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        f.close()
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = int(found.group(1)) if found else max_image_pixels() + 1
+        raise _too_large(pixels, f"{what} {str(path)!r}") from None
+    except BaseException:
+        f.close()
+        raise
+    return im
 
 
 def to_uint8_rgb(region: np.ndarray) -> np.ndarray:
@@ -112,6 +205,10 @@ class FileSource(_Source):
         self.path = str(path)
         if not Path(self.path).exists():
             raise FileNotFoundError(self.path)
+        try:
+            check_regular_file(self.path, "image file")
+        except ValueError as err:  # a FIFO would block the reader forever
+            raise ImageReadError(self.path, NotRegularFileError(str(err))) from None
         self.is_tiff = self.path.lower().endswith(_TIFF_SUFFIXES)
         self._handle: Any = None
         try:
@@ -126,14 +223,19 @@ class FileSource(_Source):
         if self.is_tiff:
             import tifffile
 
+            # a regular file (checked in __init__): tifffile needs the name, not a handle
             with tifffile.TiffFile(self.path) as tf:
                 series = tf.series[0]
                 self._axes = series.axes
-                return [self._yx(lv.shape, lv.axes) for lv in series.levels]
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed PIL's bomb guard
-        with Image.open(self.path) as im:
+                shapes = [self._yx(lv.shape, lv.axes) for lv in series.levels]
+                # an untiled level is decoded in strips as tall as the file says: bound it
+                for lv, (h, w) in zip(series.levels, shapes, strict=True):
+                    page = lv.keyframe
+                    rows = int(getattr(page, "rowsperstrip", 0) or h)
+                    if not page.is_tiled and min(rows, h) * w > max_image_pixels():
+                        raise _too_large(h * w, f"untiled TIFF {self.path!r}")
+                return shapes
+        with open_image(self.path) as im:
             w, h = im.size
             fmt = im.format
             if fmt == "JPEG":
@@ -168,10 +270,7 @@ class FileSource(_Source):
             arr = zarr.open(store, mode="r")
             self._handle = (self.level, arr)
         else:
-            from PIL import Image
-
-            Image.MAX_IMAGE_PIXELS = None
-            with Image.open(self.path) as im:
+            with open_image(self.path) as im:
                 h, w = self.shapes[self.level]
                 if self.level:
                     im.draft("RGB", (w, h))  # JPEG DCT-domain downscale: decodes less

@@ -5,7 +5,7 @@ Shared by :func:`histovi.pp.embed_morphology` and the SpatialData converters. Th
 1. scanpy/squidpy AnnData: ``uns['spatial'][lib]['images']['hires'|'lowres']`` arrays with
    ``scalefactors['tissue_hires_scalef'|'tissue_lowres_scalef']``;
 2. AnnData with image files (her2st layout): ``uns['spatial'][lib]['image_file']``, a path relative
-   to ``image_dir`` (or absolute); image pixels = ``obsm['spatial'] * tissue_hires_scalef``
+   to ``image_dir`` (and inside it) or absolute; image pixels = ``obsm['spatial'] * tissue_hires_scalef``
    (scalef 1 when absent, i.e. the file is the full-resolution image);
 3. SpatialData: shapes/points annotated by a table; SpatialData transformations map spot centres
    into image pixels of each pyramid level.
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._files import is_within
 from ._image_source import ArraySource, DaskSource, FileSource, ImageReadError, _Source
 
 #: scalefactor key for each image key of the scanpy layout
@@ -140,10 +141,19 @@ def anndata_sections(
             src.label = key
             sec.sources.append(src)
         if not sec.sources and lib.get("image_file"):
-            path = Path(lib["image_file"])
+            path = Path(str(lib["image_file"]))
             if not path.is_absolute():
-                base = Path(image_dir) if image_dir is not None else Path(lib.get("image_dir", "."))
+                # relative to the folder the user names (or the working directory), and inside
+                # it: a record must not lead the reader out of its data folder
+                base = Path(image_dir).expanduser() if image_dir is not None else Path(".")
                 path = base / path
+                if not is_within(path, base):
+                    raise ValueError(
+                        f"uns['spatial'][{name!r}]['image_file'] = {str(lib['image_file'])!r} "
+                        f"leads out of {'image_dir' if image_dir is not None else 'the working directory'} "
+                        f"{str(base.resolve())!r}: relative image paths must stay inside it. Move "
+                        "the image there, or set the entry to the image's absolute path yourself."
+                    )
             if not path.exists():
                 sec.missing = f"image file {str(path)!r} not found (pass image_dir=)"
                 continue

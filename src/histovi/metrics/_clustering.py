@@ -13,6 +13,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from .._threads import keeps_torch_threads
+from .._validation import is_whole_number
 from ..tl._domains import cluster_embedding
 from ..tl._utils import (
     as_str_array,
@@ -90,7 +91,7 @@ def per_sample_scores(
 
 def n_label_classes(labels: Any, ignore: Iterable[str] = ("undetermined",)) -> int:
     """Number of distinct labels among labelled spots (missing and ignored values excluded)."""
-    labels = as_str_array(labels)
+    labels = as_str_array(labels, "labels")
     return int(len(np.unique(labels[labelled_mask(labels, ignore)].astype(str))))
 
 
@@ -134,8 +135,8 @@ def cluster_and_score(
     Tidy DataFrame with columns ``method, seed, sample, n_spots, ARI, NMI``; pass it to
     :func:`summarize` for mean and spread.
     """
-    labels = as_str_array(labels)
-    samples = as_str_array(samples)
+    labels = as_str_array(labels, "labels")
+    samples = as_str_array(samples, "samples")
     if labels.shape[0] != samples.shape[0]:
         raise ValueError(
             f"`labels` ({labels.shape[0]}) and `samples` ({samples.shape[0]}) differ in length: "
@@ -151,6 +152,11 @@ def cluster_and_score(
             "annotation column."
         )
     k = n_clusters if n_clusters is not None else n_label_classes(labels, ignore)
+    # one method or one seed given alone: not the characters of a name, not an error on len()
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    seeds = [seeds] if isinstance(seeds, int | np.integer) else list(seeds)
+    if not all(is_whole_number(s, minimum=0) for s in seeds):
+        raise ValueError(f"`seeds`={seeds!r} must be whole numbers >= 0.")
     if len(seeds) == 0 or len(methods) == 0:
         raise ValueError("`methods` and `seeds` must each name at least one value.")
     rows = []

@@ -11,7 +11,14 @@ from anndata import AnnData
 from .._constants import LATENT_KEY
 from .._threads import keeps_torch_threads
 from .._validation import is_whole_number
-from ..tl._utils import as_str_array, check_adata, get_obs_column, get_rep, labelled_mask
+from ..tl._utils import (
+    as_str_array,
+    check_adata,
+    get_obs_column,
+    get_rep,
+    labelled_mask,
+    well_scaled,
+)
 
 #: (metric, kind) in the order of the returned table. Higher is better for all of them.
 INTEGRATION_METRICS = (
@@ -69,7 +76,7 @@ def integration_scores(
     from sklearn.neighbors import NearestNeighbors
 
     check_adata(adata)
-    X_all = get_rep(adata, use_rep)
+    (X_all,) = well_scaled(get_rep(adata, use_rep))
     labels = as_str_array(get_obs_column(adata, label_key))
     batches = as_str_array(get_obs_column(adata, batch_key))
     mask = labelled_mask(labels, ignore)

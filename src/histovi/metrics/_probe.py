@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._validation import is_whole_number
 from ..tl._utils import (
     as_str_array,
     check_adata,
@@ -16,6 +17,7 @@ from ..tl._utils import (
     get_obs_column,
     get_rep,
     labelled_mask,
+    well_scaled,
 )
 
 
@@ -90,9 +92,17 @@ def label_probe(
     X = get_rep(
         adata, embedding_key, hint="store the embedding there or pass `embedding_key=` naming it"
     )
+    (X,) = well_scaled(X)  # kNN distances that neither over- nor underflow
     labels = as_str_array(get_obs_column(adata, label_key))
     samples = as_str_array(get_obs_column(adata, sample_key)).astype(str)
     groups = samples if group_key is None else as_str_array(get_obs_column(adata, group_key))
+    for name, value, low in (
+        ("n_folds", n_folds, 2),
+        ("n_neighbors", n_neighbors, 1),
+        ("min_class_size", min_class_size, 1),
+    ):
+        if not is_whole_number(value, minimum=low):
+            raise ValueError(f"`{name}`={value!r} must be a whole number >= {low}.")
     if n_folds < 2 or n_neighbors < 1:
         raise ValueError(f"n_folds={n_folds} must be >= 2 and n_neighbors={n_neighbors} >= 1.")
     if min_class_size < n_folds:

@@ -59,6 +59,45 @@ def check_categorical_covariates(adata: AnnData, keys: Iterable[str] | None) -> 
             )
 
 
+def check_labels_column(adata: AnnData, key: str) -> None:
+    """A labels column must give every spot a label (scvi-tools fails on NaN with a message
+    about categories)."""
+    missing = adata.obs[key].isna()
+    if missing.any():
+        raise ValueError(
+            f"adata.obs['{key}'] (labels_key) has {int(missing.sum())} missing values of "
+            f"{adata.n_obs}: every spot needs a label. Give unlabelled spots a label of their "
+            f"own, e.g. adata.obs['{key}'] = adata.obs['{key}'].astype(object).fillna("
+            "'unlabelled'), or pass labels_key=None (labels are not used in training)."
+        )
+
+
+def check_modality_spots(mdata, mod_name: str, arg: str) -> None:
+    """The modality ``mod_name`` (named for ``arg``) must have every spot of the MuData, in the
+    MuData's order: scvi-tools reads each field row by row of the MuData."""
+    import numpy as np
+
+    mod = mdata.mod[mod_name]
+    if mod.n_obs == mdata.n_obs and np.array_equal(mod.obs_names, mdata.obs_names):
+        return
+    missing = mdata.obs_names.difference(mod.obs_names)
+    what = "the expression counts" if arg == "rna_layer" else f"{arg}"
+    if len(missing):
+        shown = ", ".join(map(str, missing[:3])) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(
+            f"Modality '{mod_name}' ({what}) has {mod.n_obs} of the MuData's {mdata.n_obs} "
+            f"spots: {len(missing)} spots ({shown}) are only in other modalities. Every spot "
+            f"needs {what}: keep the spots present in every modality "
+            "(muon.pp.intersect_obs(mdata)), or add the missing spots to "
+            f"'{mod_name}'."
+        )
+    raise ValueError(
+        f"Modality '{mod_name}' ({what}) lists the MuData's spots in another order: reorder it "
+        f"like the MuData (mdata.mod['{mod_name}'] = mdata.mod['{mod_name}'][mdata.obs_names]) "
+        "and call mdata.update()."
+    )
+
+
 def check_inference_adata(model, adata) -> None:
     """An AnnData given to an output method (latent, expression, ...) must be laid out like the
     model's: same genes in the same order, the views and neighbours it uses, valid values."""
@@ -124,6 +163,18 @@ def check_mudata_inputs(
     def mod(arg):
         return mdata.mod[modalities.get(arg) or default]
 
+    # the expression modality first: a MuData whose counts miss spots is that modality's fault
+    check_modality_spots(mdata, default, "rna_layer")
+    for arg, key in (
+        ("batch_key", batch_key),
+        ("labels_key", labels_key),
+        ("neighbors_key", neighbors_key),
+        ("categorical_covariate_keys", categorical_covariate_keys),
+        ("continuous_covariate_keys", continuous_covariate_keys),
+    ):
+        if key and modalities.get(arg) and modalities[arg] != default:
+            check_modality_spots(mdata, modalities[arg], arg)
+
     for arg, key in (("batch_key", batch_key), ("labels_key", labels_key)):
         if key is not None:
             require_obs(
@@ -134,6 +185,8 @@ def check_mudata_inputs(
             )
     if batch_key is not None and mod("batch_key").obs[batch_key].isna().any():
         raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    if labels_key is not None:
+        check_labels_column(mod("labels_key"), labels_key)
     check_categorical_covariates(mod("categorical_covariate_keys"), categorical_covariate_keys)
     for key in continuous_covariate_keys or []:
         require_obs(mod("continuous_covariate_keys"), key, "Remove it or add the column.")
@@ -213,6 +266,7 @@ def check_setup_inputs(
     categorical_covariate_keys,
     continuous_covariate_keys,
     allow_missing_views=False,
+    allow_missing_labels=False,
 ):
     if adata.n_obs == 0:
         raise ValueError("The AnnData has no spots.")
@@ -224,6 +278,8 @@ def check_setup_inputs(
             require_obs(adata, key, f"Pass {what}= naming an existing column, or None.")
     if batch_key is not None and adata.obs[batch_key].isna().any():
         raise ValueError(f"adata.obs['{batch_key}'] has missing values: every spot needs a sample.")
+    if labels_key is not None and not allow_missing_labels:
+        check_labels_column(adata, labels_key)
     for key in list(categorical_covariate_keys or []) + list(continuous_covariate_keys or []):
         require_obs(adata, key, "Remove it from the covariate keys or add the column.")
     for key in continuous_covariate_keys or []:

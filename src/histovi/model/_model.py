@@ -40,12 +40,16 @@ from ._query import (
 )
 from ._saving import (
     VERSIONS_ATTR,
+    SafeLoadingMixin,
+    SavedReference,
     atomic_save,
     check_load_adata,
     current_versions,
+    load_model,
     read_saved_model,
     version_note,
     warn_if_other_version,
+    write_model,
 )
 from ._setup import anndata_fields, check_mudata, mudata_fields, registered_views, view_moments
 from ._spatial import SpatialMixCallback, domain_latent, own_posterior
@@ -80,7 +84,14 @@ def default_kl_warmup_epochs(max_epochs: int) -> int:
     return max(1, round(KL_WARMUP_FACTOR * int(max_epochs)))
 
 
-class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class HistoVI(
+    SafeLoadingMixin,
+    RNASeqMixin,
+    VAEMixin,
+    ArchesMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
+):
     """One latent space for spatial spots from expression, morphology and neighbourhood.
 
     Each spot's own latent comes from its counts and views (a product of experts; the niche
@@ -288,7 +299,13 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         keys = (layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key)
         covariates = (categorical_covariate_keys, continuous_covariate_keys)
         # a query (set up from a reference's registry) may lack a view entirely
-        check_setup_inputs(adata, *keys, *covariates, "source_registry" in kwargs)
+        check_setup_inputs(
+            adata,
+            *keys,
+            *covariates,
+            allow_missing_views="source_registry" in kwargs,
+            allow_missing_labels=bool(kwargs.get("allow_missing_labels")),
+        )
         setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
             fields=anndata_fields(*keys, *covariates), setup_method_args=setup_method_args
@@ -352,6 +369,12 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                         "reference=...))."
                     )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _make_data_loader(self, adata, indices=None, *args, **kwargs):
+        # every output method of scvi-tools (expression, ELBO, samples ...) takes indices=:
+        # a scalar or a 2-D array is refused here with the fix, not deep in the loader
+        check_indices(indices, adata.n_obs)
+        return super()._make_data_loader(adata, indices, *args, **kwargs)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -519,7 +542,10 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
                     "HistoVI.prepare_query_anndata(query, reference_model) first."
                 )
         check_view_records(adata, record)
-        model = super().load_query_data(adata, reference_model, **kwargs)
+        # a folder goes to scvi-tools as the model it holds, read safely (scvi-tools would
+        # unpickle a folder's file with weights_only=False)
+        source = SavedReference(ref.saved) if ref.saved is not None else reference_model
+        model = super().load_query_data(adata, source, **kwargs)
         restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
         model.is_query_ = True
         # the reference's record (restored by scvi-tools), not shared with the reference object
@@ -542,7 +568,15 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         torch are saved with the model, so :meth:`load` can say what differs.
         """
         setattr(self, VERSIONS_ATTR, current_versions())
-        atomic_save(super().save, dir_path, prefix, overwrite, save_anndata=save_anndata, **kwargs)
+        # histovi's safe format (tensors and plain values), not scvi-tools' pickle
+        atomic_save(
+            lambda path, **kw: write_model(self, path, **kw),
+            dir_path,
+            prefix,
+            overwrite,
+            save_anndata=save_anndata,
+            **kwargs,
+        )
 
     @classmethod
     def load(cls, dir_path, adata=None, **kwargs) -> HistoVI:
@@ -554,12 +588,17 @@ class HistoVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, Bas
         scvi-tools only warns about), weights that do not fit this version of histovi (with the
         versions that saved the model). A model saved with another histovi version loads with a
         warning.
+
+        Loading never runs code from the folder: ``model.pt`` is read with
+        ``torch.load(weights_only=True)`` (histovi's safe format); a file that needs more (a
+        crafted file, or a model saved by histovi before that format) is refused with the fix
+        (:func:`histovi.model.convert_saved_model` for files you trust).
         """
         saved = read_saved_model(dir_path, kwargs.get("prefix"))
         check_load_adata(adata, saved, dir_path)
         warn_if_other_version(saved, dir_path)
         try:
-            model = super().load(dir_path, adata=adata, **kwargs)
+            model = load_model(cls, dir_path, adata=adata, saved=saved, **kwargs)
         except RuntimeError as err:
             if "state_dict" not in str(err):
                 raise

@@ -3,6 +3,7 @@ the covariate columns that scvi-tools pads in the wrong place."""
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -61,7 +62,9 @@ def prepare_query(adata: AnnData, reference_model, compute_neighbors: bool = Tru
         obs=adata.obs.copy(),
         var=pd.DataFrame(index=ref_genes),
         obsm={k: v.copy() for k, v in adata.obsm.items()},
-        uns={k: v for k, v in adata.uns.items()},
+        # a deep copy: the query's records (changed later, e.g. by embed_morphology or
+        # load_query_data) must not be the caller's objects
+        uns=copy.deepcopy(dict(adata.uns)),
     )
     if layer is not None:
         query.layers[layer] = aligned
@@ -120,8 +123,9 @@ class ReferenceInfo:
     """What query mapping needs from a reference given as a model or a saved-model folder."""
 
     def __init__(self, reference_model, model_cls):
+        self.saved = None
         if isinstance(reference_model, str | os.PathLike):
-            saved = read_saved_model(reference_model)
+            saved = self.saved = read_saved_model(reference_model)
             attr_dict, var_names, state_dict = (
                 saved["attr_dict"],
                 saved["var_names"],

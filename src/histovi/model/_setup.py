@@ -68,13 +68,6 @@ def check_mudata(mdata, modalities, setup: dict) -> dict:
                 f"modalities['{arg}'] = '{mod}' is not a modality of the MuData "
                 f"(modalities: {list(mdata.mod)})."
             )
-    rna = mdata.mod[modalities["rna_layer"]]
-    if rna.n_obs != mdata.n_obs or not np.array_equal(rna.obs_names, mdata.obs_names):
-        raise ValueError(
-            f"The expression modality '{modalities['rna_layer']}' must have one row per spot of "
-            "the MuData, in the same order: every spot needs its counts."
-        )
-    check_counts(rna, setup["rna_layer"])
     check_key_lists(setup["categorical_covariate_keys"], setup["continuous_covariate_keys"])
     check_mudata_inputs(
         mdata,
@@ -85,6 +78,7 @@ def check_mudata(mdata, modalities, setup: dict) -> dict:
         setup["categorical_covariate_keys"],
         setup["continuous_covariate_keys"],
     )
+    check_counts(mdata.mod[modalities["rna_layer"]], setup["rna_layer"])
     morph_mod = modalities.get("morphology_layer")
     if morph_mod is not None:
         morph = mdata.mod[morph_mod]

@@ -217,10 +217,15 @@ def _restore_history(trainer, history: dict[str, Any] | None) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file beside its target, flush it to disk and rename
-    it over the target: a crash while saving leaves the previous checkpoint intact."""
+    it over the target: a crash while saving leaves the previous checkpoint intact. Read a
+    checkpoint with ``torch.load(weights_only=True)`` whatever Lightning asks for, so resuming
+    never runs code from the file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint_file(Path(path))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -291,22 +296,39 @@ def _compare_fingerprints(saved: dict[str, Any], now: dict[str, Any], path: Path
         )
 
 
-def read_checkpoint_record(path: Path) -> dict[str, Any]:
-    """The histovi record of a Lightning checkpoint; a clear error when it is unreadable."""
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)`` (tensors and plain
+    values only: nothing in the file can run); a clear error when it is unreadable or holds
+    anything else."""
+    from ._safe_format import UnsafeFileError, safe_torch_load
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, unpickling errors, ...
+        ckpt = safe_torch_load(path, "checkpoint")
+    except UnsafeFileError as err:
         raise ValueError(
-            f"checkpoint_dir: {path} cannot be read ({type(err).__name__}: {err}); it was "
-            f"probably cut short by a crash. Delete it to train from scratch (the folder's "
-            "other files are not used)."
-        ) from err
+            f"checkpoint_dir: {path} is not a checkpoint written by HistoVI.train: it holds "
+            f"Python objects ({str(err)[:200]}) that would run code when loaded, so it was not "
+            "opened. Delete it (or pass another checkpoint_dir) to train from scratch."
+        ) from None
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated zip, FIFO, unpickling errors, ...
+        raise ValueError(
+            f"checkpoint_dir: {path} cannot be read ({type(err).__name__}: {str(err)[:300]}); "
+            "it was probably cut short by a crash. Delete it to train from scratch (the "
+            "folder's other files are not used)."
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(
             f"checkpoint_dir: {path} is not a Lightning checkpoint of HistoVI.train: delete it or "
             "pass another checkpoint_dir."
         )
-    return ckpt.get(CHECKPOINT_KEY) or {}
+    return ckpt
+
+
+def read_checkpoint_record(path: Path) -> dict[str, Any]:
+    """The histovi record of a Lightning checkpoint; a clear error when it is unreadable."""
+    return load_checkpoint_file(path).get(CHECKPOINT_KEY) or {}
 
 
 def checkpointing(model, checkpoint_dir, trainer_kwargs: dict) -> dict:
@@ -352,6 +374,16 @@ def prepare_training(model, max_epochs, batch_size, checkpoint_dir, trainer_kwar
     out = {}
     if checkpoint_dir is not None:
         out = checkpointing(model, checkpoint_dir, trainer_kwargs)
+    elif trainer_kwargs.get("ckpt_path") is not None:
+        # a checkpoint named by the user is read as ours are: weights_only=True, checked first
+        ckpt_path = str(trainer_kwargs["ckpt_path"])
+        if ckpt_path not in ("last", "best", "hpc", "registry"):  # Lightning's own names
+            read_checkpoint_record(Path(ckpt_path).expanduser())
+        plugins = trainer_kwargs.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        out["plugins"] = plugins
     callbacks = list(out.get("callbacks", trainer_kwargs.get("callbacks")) or [])
     out["callbacks"] = callbacks + [DivergenceCallback(model)]
     return out

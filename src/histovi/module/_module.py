@@ -74,7 +74,11 @@ def nb_log_likelihood(
     with torch.no_grad():
         log_x_factorial = torch.lgamma(counts + 1)
     out = dense.reshape(-1, x.shape[-1]).sum(-1)
-    out = out.index_add(0, rows, torch.lgamma(counts + theta[cols]) - log_x_factorial)
+    # index_select, not theta[cols]: the backward of advanced indexing accumulates with
+    # atomic adds on a multithreaded CPU (run-to-run differences); index_select's does not
+    out = out.index_add(
+        0, rows, torch.lgamma(counts + theta.index_select(0, cols)) - log_x_factorial
+    )
     out = out - flat.to(theta.dtype) @ lgamma_theta
     return out.reshape(x.shape[:-1])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -13,6 +14,7 @@ from anndata import AnnData
 from matplotlib.lines import Line2D
 
 from .._constants import SPATIAL_KEY
+from .._files import is_within
 from ..tl._utils import check_adata, get_obs_column
 from ._utils import as_categories, category_colors, finish, is_categorical
 
@@ -35,12 +37,29 @@ def _load_image(
         path = Path(str(image_file))
         if not path.is_absolute() and img_root is not None:
             path = Path(img_root) / path
-        if path.is_file():
-            from PIL import Image
+            if not is_within(path, img_root):
+                warnings.warn(
+                    f"uns['spatial'][{library_id!r}]['image_file'] = {str(image_file)!r} leads "
+                    f"out of img_root {str(img_root)!r}: not drawn (relative image paths must "
+                    "stay inside img_root).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return None
+        if path.is_file():  # a regular file (or a link to one): never a FIFO, which blocks
+            from ..io._image_source import open_image
 
-            Image.MAX_IMAGE_PIXELS = None  # H&E scans are legitimately huge
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB")), float(scalefactors["tissue_hires_scalef"])
+            try:
+                with open_image(path) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except Exception as err:  # noqa: BLE001 - draw the section without its image
+                warnings.warn(
+                    f"the image of section {library_id!r} is not drawn: {err}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return None
+            return image, float(scalefactors["tissue_hires_scalef"])
     return None
 
 
@@ -114,7 +133,8 @@ def domains(
     if samples is None:
         samples = present
     else:
-        samples = [str(s) for s in samples]
+        # one section id given as a string: not its characters
+        samples = [samples] if isinstance(samples, str) else [str(s) for s in samples]
         unknown = [s for s in samples if s not in present]
         if unknown:
             raise ValueError(

@@ -68,6 +68,17 @@ def latent_umap(
     if not colors:
         raise ValueError("`color` is empty: pass at least one adata.obs column.")
     columns = {c: get_obs_column(adata, c) for c in colors}
+    if key_added is not None and key_added == use_rep:
+        raise ValueError(
+            f"key_added={key_added!r} is use_rep: the UMAP would replace the latent it is computed "
+            "from; pass another key_added (e.g. 'X_umap')."
+        )
+    if key_added is not None and key_added in adata.obsm and np.ndim(adata.obsm[key_added]) == 2:
+        if np.shape(adata.obsm[key_added])[1] != 2:
+            raise ValueError(
+                f"adata.obsm[{key_added!r}] holds a {np.shape(adata.obsm[key_added])} array, not "
+                "2-D UMAP coordinates: pass another key_added (it is not overwritten)."
+            )
     if key_added is not None and key_added in adata.obsm and adata.obsm[key_added].shape[1] == 2:
         umap = np.asarray(adata.obsm[key_added])
     else:

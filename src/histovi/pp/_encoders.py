@@ -37,8 +37,10 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 # --------------------------------------------------------------------------------------------
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
+    from .._files import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path, "file") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -317,9 +319,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def _arch_from_checkpoint(path: Path) -> tuple[str | None, dict]:
     """Architecture name stored with a weights file, if any (HF-style config.json or metadata)."""
+    from .._files import open_regular
+
     cfg_file = path / "config.json" if path.is_dir() else path.with_name("config.json")
     if cfg_file.exists():
-        cfg = json.loads(cfg_file.read_text())
+        with open_regular(cfg_file, "encoder config") as fh:
+            cfg = json.loads(fh.read().decode())
         arch = cfg.get("architecture") or cfg.get("arch")
         if arch:
             return arch, dict(cfg.get("model_args", {}))
@@ -331,6 +336,26 @@ def _arch_from_checkpoint(path: Path) -> tuple[str | None, dict]:
         if meta.get("architecture"):
             return meta["architecture"], {}
     return None, {}
+
+
+def _load_weights_file(file: Path) -> Any:
+    """A torch weights file read with ``weights_only=True``: tensors and plain values only.
+
+    A file holding a whole pickled module is refused: unpickling it runs whatever code the
+    file names (it is how a shared weights file can take over the reader's machine)."""
+    from ..model._safe_format import UnsafeFileError, safe_torch_load
+
+    try:
+        return safe_torch_load(file, "encoder weights file")
+    except UnsafeFileError as err:
+        raise ValueError(
+            f"encoder weights file {str(file)!r} holds pickled Python objects ({str(err)[:150]}), "
+            "e.g. a whole torch module, which run code when loaded: histovi does not unpickle "
+            "them. Save its state dict instead (torch.save(module.state_dict(), path)) and pass "
+            "encoder='<timm architecture>', checkpoint_path=path; or, if you trust the file, "
+            "load the module yourself (torch.load(path, weights_only=False)) and pass it as "
+            "encoder=module."
+        ) from None
 
 
 def _weights_in_dir(path: Path) -> Path:
@@ -447,17 +472,7 @@ def resolve_encoder(
         arch, cfg_kwargs = _arch_from_checkpoint(path)
         file = _weights_in_dir(path) if path.is_dir() else path
         if arch is None:
-            obj = torch.load(file, map_location="cpu", weights_only=False)
-            if isinstance(obj, torch.nn.Module):
-                return TorchEncoder(
-                    obj,
-                    f"file:{file.name}",
-                    "checkpoint",
-                    sha256_file(file),
-                    transform,
-                    dev,
-                    extra={"checkpoint_path": str(file.resolve())},
-                )
+            obj = _load_weights_file(file)
             if isinstance(obj, dict):
                 arch = obj.get("arch") or obj.get("architecture")
             if arch is None:

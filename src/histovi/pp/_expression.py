@@ -379,13 +379,57 @@ def _import_transformers() -> Any:
     return transformers
 
 
+class _DictUnpickler(pickle.Unpickler):
+    """Reads Geneformer's dictionary pickles (gene id -> token / median / Ensembl id) and
+    nothing else: the only globals it resolves are numpy's scalar and dtype constructors (the
+    medians are numpy floats), so a crafted file cannot name a function to run."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # the bytes of numpy scalars in protocol-2 pickles
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
 def _load_dict(path: Path) -> dict:
-    if path.suffix == ".json":
-        with open(path) as f:
-            return json.load(f)
-    # Geneformer ships its dictionaries as pickles; only load files you trust.
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    """A Geneformer dictionary (``.json``, or the ``.pkl`` files Geneformer ships), read
+    without running anything named in the file; a clear error for anything but a dict of
+    strings and numbers."""
+    from .._files import open_regular
+
+    try:
+        with open_regular(path, "dictionary file") as f:
+            if path.suffix == ".json":
+                out = json.loads(f.read().decode())
+            else:
+                out = _DictUnpickler(f).load()
+    except (pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a Geneformer dictionary ({type(err).__name__}: "
+            f"{str(err)[:200]}): histovi reads dictionaries of gene ids to tokens, medians or "
+            "ids only (a pickle naming any other object is refused); pass the model's own "
+            "token_dictionary / gene_median_dictionary files."
+        ) from None
+    if not isinstance(out, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, str | int | float | np.integer | np.floating)
+        and not isinstance(v, bool)
+        for k, v in out.items()
+    ):
+        raise ValueError(
+            f"{str(path)!r} is not a Geneformer dictionary (expected gene id -> token, median or "
+            "id): pass the model's own dictionary files."
+        )
+    return out
 
 
 _DICT_PATTERNS = {
@@ -508,6 +552,11 @@ def _load_geneformer(model_path: str | Path | None) -> tuple[Any, Path, str]:
             f"{str(local)!r} has no config.json: point model_path at the folder holding the "
             "Geneformer weights (e.g. .../Geneformer-V2-104M)."
         )
+    from .._files import check_regular_file
+
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        if (local / name).exists():  # a FIFO there would block transformers' reader
+            check_regular_file(local / name, "Geneformer file")
     # BertModel.from_pretrained also reads BertForMaskedLM / classifier checkpoints (it strips
     # the 'bert.' prefix and ignores the heads), which is how Geneformer models are saved.
     # The masked-LM head is unused here; silence transformers' report of its unexpected keys.

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
-from .._files import atomic_write
+from .._files import atomic_write, open_regular
 from .._threads import keeps_torch_threads
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
@@ -290,6 +290,11 @@ def embed_morphology(
     """
     rec = _get_record(reference)
     # ---------------- validate arguments and reconcile them with the reference ---------------
+    if key_added == spatial_key:
+        raise ValueError(
+            f"key_added={key_added!r} is spatial_key: the embedding would replace the spot "
+            "coordinates it is cut from; pass another key_added (default 'X_morphology')."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if num_workers < 0:
@@ -319,8 +324,15 @@ def embed_morphology(
             encoder = _encoder_from_record(rec)
             if rec.get("encoder_kind") == "checkpoint":
                 encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
-                if str(encoder).startswith("file:"):  # a pickled module: the file is the encoder
-                    encoder, checkpoint_path = checkpoint_path, None
+                if str(encoder).startswith("file:"):
+                    # a whole pickled module: loading it runs code, and its path comes from a
+                    # data file, not from the user
+                    raise ValueError(
+                        f"the reference was embedded with a pickled module file "
+                        f"{str(checkpoint_path)!r}, which histovi does not open from a data "
+                        "file's record (unpickling runs code). If you trust that file, load it "
+                        "yourself (torch.load(path, weights_only=False)) and pass it as encoder="
+                    )
                 if not os.path.exists(rec["checkpoint_path"]):
                     raise ValueError(
                         f"the reference encoder's weights file {rec['checkpoint_path']!r} is gone: pass "
@@ -617,7 +629,7 @@ class _SectionStore:
         if not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with open_regular(path, "checkpoint file") as fh, np.load(fh, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 out = {
                     "embedding": np.asarray(f["embedding"], np.float32),
@@ -668,7 +680,8 @@ class _SectionStore:
         path = self.folder / "stain.json"
         if not path.exists():
             return None
-        saved = json.loads(path.read_text())
+        with open_regular(path, "checkpoint file") as fh:  # never a FIFO, which would block
+            saved = json.loads(fh.read().decode())
         self._compare(saved["meta"], self._stain_meta(plans), "the stain normalisation")
 
         def arrays(params):

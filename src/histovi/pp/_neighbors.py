@@ -49,6 +49,13 @@ def spatial_neighbors(
     import squidpy as sq
 
     require_adata(adata)
+    for written in (key_added, f"{key_added}_distances"):
+        if written == spatial_key:
+            raise ValueError(
+                f"key_added={key_added!r} would write adata.obsm[{written!r}], the spot "
+                f"coordinates (spatial_key={spatial_key!r}) the neighbours are computed from: "
+                "pass another key_added (default 'spatial_neighbors')."
+            )
     if not is_whole_number(n_neighbors):
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
     coords = require_obsm(

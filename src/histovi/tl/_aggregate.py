@@ -73,6 +73,12 @@ def aggregate_neighbors(
     check_adata(adata)
     if not isinstance(n_hops, int | np.integer) or n_hops < 1:
         raise ValueError(f"`n_hops`={n_hops!r} must be a positive integer (number of rings).")
+    key = key_added or f"{use_rep}_agg{n_hops}"
+    if key in (use_rep, neighbors_key):
+        raise ValueError(
+            f"key_added={key!r} would replace adata.obsm[{key!r}], an input of this call "
+            f"({'use_rep' if key == use_rep else 'neighbors_key'}): pass another key_added."
+        )
     X = get_rep(adata, use_rep, hint="pass `use_rep=` naming an existing obsm key")
     nbrs = get_neighbors(adata, neighbors_key, sample_key=sample_key)
     adj = neighbor_graph(nbrs, symmetric=True)
@@ -86,7 +92,6 @@ def aggregate_neighbors(
     out = np.hstack(blocks).astype(np.float32)
     if not inplace:
         return out
-    key = key_added or f"{use_rep}_agg{n_hops}"
     adata.obsm[key] = out
     record_settings(
         adata,

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from .._constants import LATENT_KEY, NEIGHBORS_KEY
 from .._threads import keeps_torch_threads
+from .._validation import is_whole_number
 from ._utils import check_adata, get_neighbors, get_rep, neighbor_graph, record_settings
 
 ClusterMethod = Literal["gmm", "kmeans", "leiden"]
@@ -57,7 +58,12 @@ def cluster_embedding(
     n_neighbors
         Size of the kNN graph for ``leiden``.
     """
-    X = np.asarray(X, dtype=np.float64)
+    from ._utils import check_embedding, well_scaled
+
+    if n_clusters is not None and isinstance(n_clusters, np.ndarray) and n_clusters.ndim == 0:
+        n_clusters = n_clusters.item()
+    X = check_embedding(X, name="X")
+    (X,) = well_scaled(X)  # extreme scales: rescaled exactly, or GMM / k-means degrade silently
     n = X.shape[0]
     if n_clusters is not None and (
         isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer)
@@ -177,6 +183,24 @@ def smooth_labels(codes: np.ndarray, nbrs: np.ndarray, n_iter: int) -> np.ndarra
     Ties are resolved in favour of the spot's current label when it is among the winners
     (a small bonus on its own vote), otherwise the smallest code wins.
     """
+    codes = np.asarray(codes)
+    nbrs = np.asarray(nbrs)
+    if codes.ndim != 1 or codes.size == 0 or codes.dtype.kind not in "iu" or codes.min() < 0:
+        raise ValueError(
+            f"`codes` must be a non-empty 1-D array of non-negative integer labels, got shape "
+            f"{codes.shape}, dtype {codes.dtype}."
+        )
+    if nbrs.ndim != 2 or nbrs.shape[0] != codes.shape[0] or nbrs.dtype.kind not in "iu":
+        raise ValueError(
+            f"`nbrs` must be an (n_spots, k) integer matrix of neighbour rows with one row per "
+            f"label ({codes.shape[0]}), got shape {nbrs.shape}, dtype {nbrs.dtype}."
+        )
+    if nbrs.size and nbrs.max() >= codes.shape[0]:
+        raise ValueError(
+            f"`nbrs` holds row numbers up to {nbrs.max()}, but there are {codes.shape[0]} spots."
+        )
+    if not is_whole_number(n_iter, minimum=0):
+        raise ValueError(f"`n_iter`={n_iter!r} must be a whole number of rounds >= 0.")
     n = codes.shape[0]
     n_codes = int(codes.max()) + 1
     adj = neighbor_graph(nbrs) + sp.identity(n, format="csr")
@@ -250,6 +274,11 @@ def domains(
     ``adata.obs``.
     """
     check_adata(adata)
+    if inplace and key_added == sample_key and sample_key in adata.obs:
+        raise ValueError(
+            f"key_added={key_added!r} is the sample_key column: the domains would replace the "
+            "sample of every spot; pass another key_added (default 'domain')."
+        )
     X = get_rep(adata, use_rep)
     if not isinstance(spatial_smoothing, int | np.integer) or spatial_smoothing < 0:
         raise ValueError(

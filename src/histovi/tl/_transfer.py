@@ -7,20 +7,27 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import LATENT_KEY
-from ._utils import check_adata, get_obs_column, get_rep, record_settings
+from ._utils import check_adata, get_obs_column, get_rep, record_settings, well_scaled
 
 
 def _knn_weights(distances: np.ndarray) -> np.ndarray:
     """Gaussian-kernel weights of each query's k neighbours, rows summing to 1.
 
     Same kernel as scArches' ``weighted_knn_transfer``: with ``s`` the standard deviation of
-    a query's k distances, ``w = exp(-d / (2 / s)^2)``, normalised per row. When all k
-    distances are equal (``s == 0``) the weights are uniform.
+    a query's k distances, ``w = exp(-d / (2 / s)^2) = exp(-d s^2 / 4)``, normalised per row.
+    When all k distances are equal (``s == 0``) the weights are uniform.
+
+    The exponent is taken relative to each row's nearest distance (which the normalisation
+    cancels): ``exp(-d s^2 / 4)`` alone underflows to 0 for every neighbour of a query far
+    from the reference, and 0 / 0 gave NaN votes and a label picked from them.
     """
+    distances = np.asarray(distances, dtype=np.float64)
     stds = distances.std(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        scale = np.where(stds > 0, (2.0 / np.where(stds > 0, stds, 1.0)) ** 2, np.inf)
-    kernel = np.exp(-distances / scale)
+    shifted = distances - distances.min(axis=1, keepdims=True)  # >= 0, 0 at the nearest
+    with np.errstate(over="ignore", invalid="ignore"):
+        exponent = shifted * (stds**2 / 4.0)
+    exponent = np.where(shifted > 0, exponent, 0.0)  # 0 * inf (a huge s) is the nearest: 0
+    kernel = np.exp(-exponent)  # the nearest neighbour weighs 1: the row sum is >= 1
     return kernel / kernel.sum(axis=1, keepdims=True)
 
 
@@ -70,6 +77,12 @@ def transfer_labels(
     check_adata(reference, "reference")
     check_adata(query, "query")
     key = key_added or label_key
+    if inplace and query is reference and key in (label_key, f"{label_key}_uncertainty"):
+        raise ValueError(
+            f"query is the reference and key_added={key!r} would replace the labels "
+            f"reference.obs[{label_key!r}] being transferred: pass another key_added (e.g. "
+            f"'{label_key}_transferred') or inplace=False."
+        )
     hint = (
         "compute the latent for this object (e.g. model.get_latent_representation(adata)) and "
         "store it there, or pass `use_rep=` naming an existing obsm key"
@@ -104,6 +117,7 @@ def transfer_labels(
         )
     codes = pd.Categorical(labels[known], categories=categories).codes
     n_cat = len(categories)
+    ref_rep, qry_rep = well_scaled(ref_rep, qry_rep)  # distances that neither over- nor underflow
     k = int(min(n_neighbors, known.sum()))
     nn = NearestNeighbors(n_neighbors=k).fit(ref_rep[known])
     distances, indices = nn.kneighbors(qry_rep)
@@ -111,6 +125,11 @@ def transfer_labels(
     probs = np.zeros((query.n_obs, n_cat))
     rows = np.repeat(np.arange(query.n_obs), k)
     np.add.at(probs, (rows, codes[indices].ravel()), weights.ravel())
+    if not np.isfinite(probs).all():  # cannot happen with finite latents; never vote on NaN
+        raise ValueError(
+            f"label transfer gave non-finite vote weights from query.obsm['{use_rep}']: check "
+            "that both latents are finite and of a sane scale."
+        )
     best = probs.argmax(axis=1)
     result = pd.DataFrame(
         {

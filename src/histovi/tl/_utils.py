@@ -75,6 +75,23 @@ def check_embedding(
     return X
 
 
+#: Embeddings whose largest absolute value lies outside this range are rescaled before
+#: clustering and nearest-neighbour searches (squared distances overflow or underflow there).
+_SANE_SCALE = (1e-30, 1e30)
+
+
+def well_scaled(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` divided by one power of two (exact: the geometry is unchanged) when their
+    largest absolute value is far outside ``[1e-30, 1e30]``, where squared distances overflow
+    to inf or underflow to 0 and clusterings and kNN votes silently degrade (one cluster, NaN
+    weights); as they are otherwise, so that results on ordinary data do not change."""
+    peak = max((float(np.abs(a).max()) if a.size else 0.0) for a in arrays)
+    if peak == 0.0 or _SANE_SCALE[0] <= peak <= _SANE_SCALE[1]:
+        return arrays
+    factor = np.ldexp(1.0, -int(np.frexp(peak)[1]))  # 2**-e with peak = m * 2**e, 0.5 <= m < 1
+    return tuple(np.asarray(a, dtype=np.float64) * factor for a in arrays)
+
+
 def get_obs_column(adata: AnnData, key: str, name: str = "adata", hint: str = "") -> pd.Series:
     """Return ``adata.obs[key]`` or raise a KeyError naming the key."""
     if key not in adata.obs.columns:
@@ -99,7 +116,8 @@ def get_cluster_column(adata: AnnData, cluster_key: str) -> pd.Series:
 def labelled_mask(labels: Any, ignore: Iterable[str] = ()) -> np.ndarray:
     """Boolean mask of spots with a usable label: not missing and not in ``ignore``."""
     s = pd.Series(np.asarray(labels, dtype=object))
-    ignored = {str(v) for v in ignore}
+    # one value to ignore given as a string: that value, not its characters
+    ignored = {ignore} if isinstance(ignore, str) else {str(v) for v in ignore}
     return (s.notna() & ~s.astype(str).isin(ignored)).to_numpy()
 
 
@@ -179,7 +197,17 @@ def record_settings(adata: AnnData, name: str, settings: dict[str, Any]) -> None
     uns[name] = clean
 
 
-def as_str_array(values: Sequence[Any] | pd.Series | np.ndarray) -> np.ndarray:
-    """Object array of strings, with missing values kept as None."""
-    s = pd.Series(np.asarray(values, dtype=object))
+def as_str_array(
+    values: Sequence[Any] | pd.Series | np.ndarray, name: str = "values"
+) -> np.ndarray:
+    """Object array of strings, with missing values kept as None; one value per spot (1-D)."""
+    if isinstance(values, str | bytes):
+        raise ValueError(f"`{name}` is a single string: pass one value per spot.")
+    arr = np.asarray(values, dtype=object)
+    if arr.ndim != 1:
+        raise ValueError(
+            f"`{name}` has shape {arr.shape}: pass one value per spot (a 1-D list, array or "
+            "Series)."
+        )
+    s = pd.Series(arr)
     return np.where(s.notna(), s.astype(str), None).astype(object)
