@@ -13,6 +13,7 @@ block, so neither counts as its cost. ``isolate=False`` runs the job in the call
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -124,6 +125,7 @@ def _child(spec_path: str) -> None:
 # --------------------------------------------------------------------------- cache
 
 
+@functools.cache
 def source_digest(package: str = "histovi") -> str:
     """Hash of a package's installed source files: a cached result of code that changed since
     is not reused."""
@@ -136,19 +138,25 @@ def source_digest(package: str = "histovi") -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
+
+
 def code_version(modules: tuple[str, ...]) -> dict[str, str]:
     """What a cached result was computed with: histovi's source digest and the installed
     version of each other package."""
-    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    from importlib.metadata import PackageNotFoundError, version
 
-    dists = packages_distributions()
     out = {}
     for m in modules:
         if m == "histovi":
             out[m] = source_digest()
             continue
         try:
-            out[m] = version(dists.get(m, [m])[0])
+            out[m] = version(_distributions().get(m, [m])[0])
         except PackageNotFoundError:
             out[m] = "unknown"
     return out
