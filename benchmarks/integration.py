@@ -225,7 +225,9 @@ def method_row(name: str, per: pd.DataFrame, scores: pd.DataFrame, recs: list[di
     row["epochs"] = "/".join(
         sorted({str(r["info"]["epochs"]) for r in recs if "epochs" in r["info"]})
     )
-    row["settings"] = recs[0]["info"].get("settings", "")
+    tag = _methods.split_tag(name)[1]
+    extra = {"+agg": " + aggregate_neighbors(n_hops=2)", "@own": "; own latent (spatial=False)"}
+    row["settings"] = recs[0]["info"].get("settings", "") + extra.get(tag, "")
     return row
 
 

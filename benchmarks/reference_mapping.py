@@ -113,9 +113,14 @@ def _map_query(model: str, reference, query_raw: AnnData, seed: int, epochs: int
 
 
 def holdout_job(
-    data: str, patient: str, seed: int, max_epochs: int | None = None,
-    query_epochs: int = QUERY_EPOCHS, threads: int | None = 1, key: dict | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    data: str,
+    patient: str,
+    seed: int,
+    max_epochs: int | None = None,
+    query_epochs: int = QUERY_EPOCHS,
+    threads: int | None = 1,
+    key: dict | None = None,
+) -> dict[str, Any]:
     """One held-out patient and seed, both models (runs in its own process)."""
     import histovi
 
@@ -150,9 +155,12 @@ def holdout_job(
 
 
 def joint_job(
-    data: str, seed: int, max_epochs: int | None = None, threads: int | None = 1,
+    data: str,
+    seed: int,
+    max_epochs: int | None = None,
+    threads: int | None = 1,
     key: dict | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Both models trained on every patient; ARI of the k-means domains per patient."""
     H.limit_threads(threads)
     adata = _data.prepare(_data.load_raw(data, H.DEFAULT_CACHE))
@@ -205,10 +213,15 @@ def table(rows: list[dict], joints: dict[int, dict]) -> pd.DataFrame:
 
 
 def run(
-    data: str, seeds: Sequence[int], out: str | Path, max_epochs: int | None = None,
-    query_epochs: int = QUERY_EPOCHS, holdout: Sequence[str] | None = None,
-    isolate: bool = True, threads: int | None = 1,
-) -> dict[str, Any]:  # fmt: skip
+    data: str,
+    seeds: Sequence[int],
+    out: str | Path,
+    max_epochs: int | None = None,
+    query_epochs: int = QUERY_EPOCHS,
+    holdout: Sequence[str] | None = None,
+    isolate: bool = True,
+    threads: int | None = 1,
+) -> dict[str, Any]:
     """Run the benchmark on one study, write ``table.md`` and ``results.json``."""
     raw = _data.load_raw(data, H.DEFAULT_CACHE)
     patients = sorted(raw.obs[_data.PATIENT_KEY].astype(str).unique())
@@ -216,8 +229,11 @@ def run(
     if len(patients) < 2 or set(holdout) - set(patients):
         raise ValueError(f"--holdout {holdout}: choose among the study's patients {patients}.")
     out_dir = Path(out).resolve() / data
-    key = {"max_epochs": max_epochs, "query_epochs": query_epochs, "code": H.code_version(
-        ("histovi", "scvi"))}  # fmt: skip
+    key = {
+        "max_epochs": max_epochs,
+        "query_epochs": query_epochs,
+        "code": H.code_version(("histovi", "scvi")),
+    }
     common = {"data": data, "max_epochs": max_epochs, "threads": threads, "key": key}
     rows, joints, failed = [], {}, []
     for seed in seeds:
@@ -258,9 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for data in args.data:
         run(
-            data, args.seeds, args.out, args.max_epochs, args.query_epochs, args.holdout,
-            not args.in_process, args.threads,
-        )  # fmt: skip
+            data,
+            args.seeds,
+            args.out,
+            args.max_epochs,
+            args.query_epochs,
+            args.holdout,
+            not args.in_process,
+            args.threads,
+        )
     return 0
 
 

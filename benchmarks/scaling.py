@@ -76,9 +76,14 @@ def make_study(path: str, n_spots: int, n_genes: int = 2000, morph_dim: int = 64
     files = []
     for c, size in enumerate(sizes):
         chunk = histovi.datasets.simulate(
-            n_patients=N_SECTIONS // N_CHUNKS, n_sections_per_patient=1, grid_size=(side, side),
-            n_genes=n_genes, morphology_dim=morph_dim, sections_without_image=0, seed=c,
-        )[:size]  # fmt: skip
+            n_patients=N_SECTIONS // N_CHUNKS,
+            n_sections_per_patient=1,
+            grid_size=(side, side),
+            n_genes=n_genes,
+            morphology_dim=morph_dim,
+            sections_without_image=0,
+            seed=c,
+        )[:size]
         obs = chunk.obs.astype(str)
         obs[["sample", "patient"]] = f"C{c}_" + obs[["sample", "patient"]]
         obs.index = f"C{c}_" + obs.index
@@ -111,9 +116,14 @@ def _epoch_timer():
 
 
 def measure(
-    method: str, path: str, epochs: int = 1, limit_batches: int | None = None,
-    batch_size: int = 128, accelerator: str = "auto", threads: int | None = 1,
-) -> dict[str, Any]:  # fmt: skip
+    method: str,
+    path: str,
+    epochs: int = 1,
+    limit_batches: int | None = None,
+    batch_size: int = 128,
+    accelerator: str = "auto",
+    threads: int | None = 1,
+) -> dict[str, Any]:
     """Train ``method`` on the study in ``path`` and measure (runs in its own process)."""
     import anndata as ad
     import scvi
@@ -128,9 +138,11 @@ def measure(
     if method == "HistoVI":
         histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=N_NEIGHBORS)
         histovi.HistoVI.setup_anndata(
-            adata, batch_key="sample", morphology_key="X_morphology",
+            adata,
+            batch_key="sample",
+            morphology_key="X_morphology",
             neighbors_key="spatial_neighbors",
-        )  # fmt: skip
+        )
         model = histovi.HistoVI(adata)
     else:
         scvi.model.SCVI.setup_anndata(adata, batch_key="sample")
@@ -139,10 +151,16 @@ def measure(
     limit = {"limit_train_batches": limit_batches} if limit_batches else {}
     with H.Meter() as train:
         model.train(
-            max_epochs=epochs + 1, accelerator=accelerator, batch_size=batch_size,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            logger=False, callbacks=[timer], **limit,
-        )  # fmt: skip
+            max_epochs=epochs + 1,
+            accelerator=accelerator,
+            batch_size=batch_size,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=False,
+            callbacks=[timer],
+            **limit,
+        )
     with H.Meter() as latent:
         model.get_latent_representation()
     timed = timer.epochs[1:] or timer.epochs
@@ -169,8 +187,10 @@ def scaling_table(rows: list[dict]) -> str:
     """One row per run, then HistoVI / scVI per size."""
     df = pd.DataFrame(rows).sort_values(["n_spots", "method"], ascending=[True, False])
     runs = df[["n_spots", "method", "device"]].copy()
-    runs["s/epoch"] = [("~" if e else "") + f"{s:.2f}" for s, e in
-                       zip(df["sec_per_epoch"], df["extrapolated"], strict=True)]  # fmt: skip
+    runs["s/epoch"] = [
+        ("~" if e else "") + f"{s:.2f}"
+        for s, e in zip(df["sec_per_epoch"], df["extrapolated"], strict=True)
+    ]
     for col in ("train_s", "latent_s", "peak_rss_gib", "train_peak_above_data_gib", "gpu_peak_gib"):
         runs[col] = df[col]
     ratios = []
@@ -178,8 +198,13 @@ def scaling_table(rows: list[dict]) -> str:
         by = g.set_index("method")
         if set(METHODS) <= set(by.index):
             h, s = by.loc["HistoVI"], by.loc["scVI"]
-            ratios.append({"spots": n, "s/epoch HistoVI / scVI": h.sec_per_epoch / s.sec_per_epoch,
-                           "peak RSS HistoVI / scVI": h.peak_rss_gib / s.peak_rss_gib})  # fmt: skip
+            ratios.append(
+                {
+                    "spots": n,
+                    "s/epoch HistoVI / scVI": h.sec_per_epoch / s.sec_per_epoch,
+                    "peak RSS HistoVI / scVI": h.peak_rss_gib / s.peak_rss_gib,
+                }
+            )
     md = H.markdown(runs, 2)
     if ratios:
         md += "\n" + H.markdown(pd.DataFrame(ratios), 2)
@@ -232,15 +257,25 @@ def morphology_job(encoder: str, n_spots: int, device: str, threads: int | None 
     H.limit_threads(threads)
     side = max(8, math.ceil(math.sqrt(n_spots / 4)))
     adata = histovi.datasets.simulate(
-        n_patients=2, n_sections_per_patient=2, grid_size=(side, side), n_genes=150, n_markers=10,
-        with_images=True, sections_without_image=0,
-    )  # fmt: skip
+        n_patients=2,
+        n_sections_per_patient=2,
+        grid_size=(side, side),
+        n_genes=150,
+        n_markers=10,
+        with_images=True,
+        sections_without_image=0,
+    )
     with H.Meter() as meter:
         histovi.pp.embed_morphology(
             adata, encoder, device=device, progress=False, pretrained=encoder == "stain-texture"
         )
-    return {"encoder": encoder, "device": device, "tiles": adata.n_obs,
-            "tiles/s": adata.n_obs / meter.wall_s, "peak MB above start": meter.peak_mb}  # fmt: skip
+    return {
+        "encoder": encoder,
+        "device": device,
+        "tiles": adata.n_obs,
+        "tiles/s": adata.n_obs / meter.wall_s,
+        "peak MB above start": meter.peak_mb,
+    }
 
 
 def main(argv=None) -> int:
@@ -273,10 +308,19 @@ def main(argv=None) -> int:
         return 0
     if args.morphology:
         rows = [
-            H.run_job("scaling", "morphology_job", {"encoder": e, "n_spots": args.n_tiles,
-                      "device": args.device, "threads": args.threads}, out / "logs" / f"m_{e}.txt")
+            H.run_job(
+                "scaling",
+                "morphology_job",
+                {
+                    "encoder": e,
+                    "n_spots": args.n_tiles,
+                    "device": args.device,
+                    "threads": args.threads,
+                },
+                out / "logs" / f"m_{e}.txt",
+            )
             for e in args.morphology
-        ]  # fmt: skip
+        ]
         md = H.markdown(pd.DataFrame(rows), 1)
         (out / "morphology.md").write_text(md)
         print(md)
@@ -287,13 +331,23 @@ def main(argv=None) -> int:
     for n in args.sizes:
         path = study_path(cache, n, args.genes, args.morphology_dim)
         if not path.exists():
-            kwargs = {"path": str(path), "n_spots": n, "n_genes": args.genes,
-                      "morph_dim": args.morphology_dim}  # fmt: skip
+            kwargs = {
+                "path": str(path),
+                "n_spots": n,
+                "n_genes": args.genes,
+                "morph_dim": args.morphology_dim,
+            }
             print(H.run_job("scaling", "make_study", kwargs, out / "logs" / f"make_{n}.txt"))
         for method in args.methods:
-            kwargs = {"method": method, "path": str(path), "epochs": args.epochs,
-                      "limit_batches": args.limit_batches, "batch_size": args.batch_size,
-                      "accelerator": args.accelerator, "threads": args.threads}  # fmt: skip
+            kwargs = {
+                "method": method,
+                "path": str(path),
+                "epochs": args.epochs,
+                "limit_batches": args.limit_batches,
+                "batch_size": args.batch_size,
+                "accelerator": args.accelerator,
+                "threads": args.threads,
+            }
             row = H.run_job("scaling", "measure", kwargs, out / "logs" / f"{method}_{n}.txt")
             print(f"{method} n={n:,}: {row}", flush=True)
             if row.get("status") == "failed":

@@ -55,8 +55,13 @@ def test_integration_scores_methods_caches_and_reports_what_cannot_run(tmp_path,
 
 def test_variant_syntax_and_registry():
     assert _methods.parse_inline("a=1,b=0.5,c=True,d=None,e=x,f=1e-3") == {
-        "a": 1, "b": 0.5, "c": True, "d": None, "e": "x", "f": 1e-3,
-    }  # fmt: skip
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": None,
+        "e": "x",
+        "f": 1e-3,
+    }
     model, setup, train = _methods.split_kwargs(
         {"n_latent": 8, "plan.lr": 0.01, "train.batch_size": 64, "setup.labels_key": "x"}
     )
