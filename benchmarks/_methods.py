@@ -69,6 +69,13 @@ def _scratch_cwd() -> Iterator[None]:
             os.chdir(old)
 
 
+def _device() -> str:
+    """The GPU where there is one (scvi-tools models pick it by themselves)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _samples(adata: AnnData) -> np.ndarray:
     return adata.obs[SAMPLE_KEY].astype(str).to_numpy()
 
@@ -233,7 +240,7 @@ def stagate(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
         nets.append(sub.uns["Spatial_Net"])
     x.uns["Spatial_Net"] = pd.concat(nets, ignore_index=True)
     epochs = ctx.max_epochs or 1000
-    STAGATE_pyG.train_STAGATE(x, n_epochs=epochs, random_seed=seed, device="cpu", verbose=False)
+    STAGATE_pyG.train_STAGATE(x, n_epochs=epochs, random_seed=seed, device=_device(), verbose=False)
     ctx.info.update(epochs=epochs, settings="KNN k=6 per section, hidden [512, 30]")
     return np.asarray(x.obsm["STAGATE"], dtype=np.float32)
 
@@ -258,7 +265,7 @@ def graphst(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
         xy[samples == s, 0] += 3 * span * i
     x.obsm["spatial"] = xy
     epochs = ctx.max_epochs or 600
-    model = GraphST.GraphST(x, device=torch.device("cpu"), epochs=epochs, random_seed=seed)
+    model = GraphST.GraphST(x, device=torch.device(_device()), epochs=epochs, random_seed=seed)
     emb = model.train().obsm["emb"]
     ctx.info.update(epochs=epochs, settings="3-NN graph per section, 20 PCs of the output")
     return PCA(n_components=20, random_state=seed).fit_transform(emb).astype(np.float32)
@@ -326,8 +333,8 @@ def novae_(adata: AnnData, seed: int, ctx: Context) -> np.ndarray:
     model = novae.Novae(a)
     epochs = ctx.max_epochs or 20
     with _scratch_cwd():
-        model.fit(max_epochs=epochs, accelerator="cpu")
-        model.compute_representations(a, accelerator="cpu")
+        model.fit(max_epochs=epochs, accelerator=_device())
+        model.compute_representations(a, accelerator=_device())
     ctx.info.update(epochs=int(model.current_epoch), settings="Delaunay graph per section")
     return np.asarray(a.obsm["novae_latent"], dtype=np.float32)
 

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def embed_job(
         except _methods.NotApplicable as err:
             return {"status": "n/a", "error": str(err)}
         except Exception as err:  # a failing peer is reported, never given numbers
+            traceback.print_exc()  # into the job's log
             return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
         for suffix, X in (out if isinstance(out, dict) else {"": out}).items():
             X = np.asarray(X, dtype=np.float32)
@@ -125,9 +127,9 @@ def run_methods(
     for name in methods:
         jobs.setdefault(_methods.split_tag(name)[0], []).append(name)
     prepared: str | AnnData = adata
-    if isolate:
+    if isolate:  # written when the first job needs it
         prepared = str(work / "prepared.h5ad")
-        adata.write_h5ad(prepared)
+        Path(prepared).unlink(missing_ok=True)
     status: dict[str, dict] = {}
     for job, names in jobs.items():
         reason = _methods.unavailable_reason(job)
@@ -142,6 +144,8 @@ def run_methods(
         if not todo or reuse:
             status[job] = {"status": "ok" if not todo else "not run (--reuse)"}
             continue
+        if isolate and not Path(prepared).exists():
+            adata.write_h5ad(prepared)
         t0 = time.perf_counter()
         kwargs = {
             "job": job,

@@ -36,7 +36,7 @@ def test_integration_scores_methods_caches_and_reports_what_cannot_run(tmp_path,
     assert table["Missing"]["status"] == "unavailable"
     assert "not_a_module_here" in table["Missing"]["note"]
     md = (tmp_path / "sim_tiny" / "table.md").read_text()
-    assert "| Missing" in md and "unavailable" in md and "not_a_module_here" in md
+    assert "Missing" in md and "unavailable" in md and "not_a_module_here" in md
     emb = tmp_path / "sim_tiny" / "embeddings"
     z, own = (np.load(emb / f"{n}_seed0.npy") for n in ("HistoVI", "HistoVI_own"))
     assert z.shape == own.shape and not np.allclose(z, own)  # @own: the same model's own latent
@@ -50,7 +50,7 @@ def test_integration_scores_methods_caches_and_reports_what_cannot_run(tmp_path,
     )
     assert [r["status"] for r in reused["table"]] == ["ok", "not run (--reuse)"]
     summary = integration.write_summary(tmp_path)
-    assert "| PCA" in summary and "sim_tiny" in summary
+    assert "PCA" in summary and "sim_tiny" in summary
 
 
 def test_variant_syntax_and_registry():
@@ -103,7 +103,7 @@ def test_reference_mapping_runs_the_protocol(tmp_path):
         assert -1 <= row[f"{model} query"] <= 1 and row[f"{model} reference unchanged"]
         assert 0 < row[f"{model} reference purity"] <= 1
     md = (tmp_path / "sim_tiny" / "table.md").read_text()
-    assert "| P1" in md and "**mean**" in md and "HistoVI joint" in md
+    assert "P1" in md and "**mean**" in md and "HistoVI joint" in md
     assert json.loads((tmp_path / "sim_tiny" / "results.json").read_text())["seeds"] == [0]
 
 
