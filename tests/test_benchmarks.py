@@ -118,3 +118,53 @@ def test_isolated_run_with_figures_and_scib(tmp_path):
         assert 0 <= row["BRAS"] <= 1 and 0 <= row["cLISI"] <= 1
     assert (tmp_path / "sim_tiny" / "ARI.png").exists()
     assert (tmp_path / "sim_tiny" / "domains_scVI_agg.png").exists()
+
+
+def test_studies_are_laid_out_alike():
+    import _data
+
+    adata = _data.load("sim_layers_tiny")
+    assert {"x_array", "y_array", "patient"} <= set(adata.obs.columns)
+    assert not adata.obs.duplicated(["sample", "x_array", "y_array"]).any()
+    assert adata.obsm["spatial_neighbors"].shape == (adata.n_obs, 6)
+    if not (_data.shared_data_dir() / "starmap_mpfc" / "starmap_mpfc.h5ad").exists():
+        pytest.skip("the shared STARmap data is not beside the checkout")
+    view = _data.load("starmap_view")
+    assert view.shape == (3190, 166) and view.obs["label"].notna().all()
+    assert view.obs["patient"].nunique() == 3 and view.obsm["X_morphology"].shape[1] == 32
+    shift = pd.DataFrame(view.obsm["X_morphology"]).groupby(view.obs["sample"].to_numpy()).mean()
+    assert shift.std().mean() > 1  # the view is mostly section identity
+
+
+def test_scaling_step_mode(tmp_path):
+    scaling = pytest.importorskip("scaling")
+    scaling.main(
+        [
+            "--step",
+            "--genes",
+            "60",
+            "--morphology-dim",
+            "4",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    step = (tmp_path / "step.md").read_text()
+    assert "HistoVI / scVI" in step and "0.45" in step
+
+
+@pytest.mark.slow
+def test_scaling_on_a_tiny_study(tmp_path):
+    scaling = pytest.importorskip("scaling")
+    path = scaling.study_path(tmp_path, 400, 150, 8)
+    assert scaling.make_study(str(path), 400, n_genes=150, morph_dim=8)["n_spots"] == 400
+    rows = [
+        scaling.measure(m, str(path), epochs=1, limit_batches=2, batch_size=64)
+        for m in scaling.METHODS
+    ]
+    for row in rows:
+        assert row["n_spots"] == 400 and row["extrapolated"] and row["sec_per_epoch"] > 0
+    md = scaling.scaling_table(rows)
+    assert "HistoVI / scVI" in md and "~" in md
