@@ -1,24 +1,22 @@
-"""Data of the integration benchmark: simulator scenarios and her2st, prepared once.
+"""The benchmark's studies, each laid out the same way so that every method reads the same data.
 
-Every scenario returns an AnnData laid out the same way, so that every method reads the same
-genes, the same neighbours and the same morphology:
+:func:`load` returns an AnnData with
 
-* ``layers['counts']`` (and ``X``): raw counts of the selected genes (HVGs for her2st);
+* ``layers['counts']`` (and ``X``): raw counts of the benchmark's genes (her2st: 2,000 HVGs);
 * ``obs['sample']`` (batch = section), ``obs['label']`` (ground truth, NaN where unlabelled),
-  ``obs['x_array']`` / ``obs['y_array']`` (integer grid coordinates, used by AESTETIK);
-* ``obsm['spatial']``, ``obsm['spatial_neighbors']`` (k = 6 within each section);
-* ``obsm['X_morphology']`` when the scenario has a morphology embedding (NaN rows = no image);
-* ``obsm['X_fm']``: an expression-embedding view, as a transcriptomics foundation model would
-  give: simulated with known signal on the simulator, and on her2st the only embedding that can
-  be produced offline, ``histovi.pp.embed_expression(adata, "pca")`` (16 PCs of the log-normalised
-  HVG counts; no pretrained FM weights can be downloaded here);
-* ``uns['benchmark']``: what was done (scenario, genes, morphology source).
+  ``obs['patient']`` (patient, or animal), ``obs['x_array']`` / ``obs['y_array']`` (integer
+  grid coordinates, for AESTETIK);
+* ``obsm['spatial']`` and ``obsm['spatial_neighbors']`` (k = 6, within each section);
+* ``obsm['X_morphology']`` where the study has an image view (NaN rows: no image);
+* ``uns['benchmark']``: what was done.
+
+:func:`load_raw` gives the same study with every gene and no neighbours (reference mapping
+chooses genes on the reference).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +24,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-LABEL_KEY = "label"
-SAMPLE_KEY = "sample"
+LABEL_KEY, SAMPLE_KEY, PATIENT_KEY = "label", "sample", "patient"
+MORPHOLOGY_KEY, NEIGHBORS_KEY = "X_morphology", "spatial_neighbors"
 N_NEIGHBORS = 6
 N_HVG = 2000
 IGNORE_LABELS = ("undetermined",)
-FM_KEY = "X_fm"  # the expression-embedding view (issue 7 ablations)
-FM_DIM = 16
-
-#: Simulator functions of :mod:`histovi.datasets` a scenario can name (``"simulator"`` entry;
-#: default ``"tumour"``).
-SIMULATORS: dict[str, str] = {"tumour": "simulate", "layers": "simulate_layers"}
 
 #: A weak image view, strongly shifted per section, on every section (``simulate`` arguments).
 _WEAK_VIEW: dict[str, Any] = {
@@ -45,235 +37,202 @@ _WEAK_VIEW: dict[str, Any] = {
     "morphology_scale_effect": 0.3,
     "sections_without_image": 0,
 }
+_TINY: dict[str, Any] = {
+    "n_patients": 2,
+    "n_sections_per_patient": 2,
+    "grid_size": (12, 12),
+    "n_genes": 150,
+    "morphology_dim": 8,
+}
 
-#: Simulator scenarios: name -> keyword arguments of the simulator, plus an optional
-#: ``"simulator"`` entry naming it (:data:`SIMULATORS`; default :func:`histovi.datasets.simulate`).
-#: The default tumour study already holds a morphology-only pair (gland / gland_in_situ) and a
-#: neighbourhood-only pair (stroma_adjacent / stroma_distal) of domains.
+#: Simulator scenarios: name -> arguments of :func:`histovi.datasets.simulate`, or of
+#: :func:`histovi.datasets.simulate_layers` when ``"layers": True``.
 SIM_SCENARIOS: dict[str, dict[str, Any]] = {
+    # tumour study: 4 patients x 2 sections; a morphology-only and a neighbourhood-only pair
     "sim": {},
     "sim_weak_batch": {"patient_effect": 0.3},
     "sim_strong_batch": {"patient_effect": 1.2},
-    "sim_no_absent": {"absent_domains": False},
-    # the study `histovi run` uses without --input (cli.DEFAULT_SIM): smaller 20 x 20 sections
-    "sim_builtin": {"grid_size": (20, 20)},
-    # a few hundred spots: for the smoke test and quick checks of the harness
-    "sim_tiny": {
-        "n_patients": 2,
-        "n_sections_per_patient": 2,
-        "grid_size": (12, 12),
-        "n_genes": 150,
-        "n_markers": 10,
-        "morphology_dim": 8,
-    },
-    # the tumour study with a weak, strongly section-shifted morphology view on every section
     "sim_weak_view": _WEAK_VIEW,
-    # ... and misleading: besides the shift, a smooth nuisance across each section (uneven
-    # staining) that per-section standardisation cannot remove, stronger than the signal
+    # ... and misleading: a smooth nuisance across each section (uneven staining) as well
     "sim_adverse_view": {**_WEAK_VIEW, "morphology_gradient": 2.0},
-    # layered (cortex-like) tissue, histovi.datasets.simulate_layers() defaults: 3 donors with
-    # 4, 2 and 2 sections, 7 layers carried mostly by depth and neighbourhood, weak morphology
-    "sim_layers": {"simulator": "layers"},
-    # ... as a single-donor study of four sections (the layout of the real cortex study on which
-    # HistoVI trailed BANKSY and AESTETIK in issue 19): no donor effect to remove, only sections
-    "sim_layers_one_donor": {"simulator": "layers", "n_patients": 1, "n_sections_per_patient": 4},
-    "sim_layers_tiny": {
-        "simulator": "layers",
-        "n_patients": 2,
-        "n_sections_per_patient": 2,
-        "grid_size": (12, 12),
-        "n_genes": 150,
-        "n_markers": 5,
-        "morphology_dim": 8,
-    },
+    # layered (cortex-like) tissue: 3 donors, 7 layers carried by depth and neighbourhood
+    "sim_layers": {"layers": True},
+    "sim_layers_one_donor": {"layers": True, "n_patients": 1, "n_sections_per_patient": 4},
+    # a few hundred spots: the smoke test and quick checks of the harness
+    "sim_tiny": {**_TINY, "n_markers": 10},
+    "sim_layers_tiny": {**_TINY, "layers": True, "n_markers": 5},
 }
 
-#: Pairs of simulated domains that only one view separates (reported as pair separation; a
-#: scenario without a pair's domains, such as the layered one, reports none).
-SIM_DOMAIN_PAIRS: dict[str, tuple[str, str]] = {
-    "morphology-only: gland vs gland_in_situ": ("gland", "gland_in_situ"),
-    "neighbourhood-only: stroma_adjacent vs stroma_distal": ("stroma_adjacent", "stroma_distal"),
-}
+#: Real studies first: they decide (EVALUATION.md).
+SCENARIOS = ("starmap", "starmap_view", "her2st", *SIM_SCENARIOS)
 
-SCENARIOS = (*SIM_SCENARIOS, "her2st")
+#: The synthetic image view of ``starmap_view`` (issue 29): a section-specific shift, noise and
+#: a weak domain signal, in ``VIEW_DIM`` dimensions.
+VIEW_DIM, VIEW_SECTION_SD, VIEW_NOISE_SD, VIEW_SIGNAL_SD = 32, 2.0, 1.0, 0.4
 
 
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout, or ``$HISTOVI_SHARED_DATA``."""
     env = os.environ.get("HISTOVI_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def her2st_dir() -> Path:
-    """Folder of the her2st development data."""
-    return shared_data_dir() / "her2st"
+def _read_shared(relative: str) -> AnnData:
+    import anndata as ad
+
+    path = shared_data_dir() / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: put the shared data beside the checkout (../shared/data) or set "
+            "HISTOVI_SHARED_DATA to the folder that holds it."
+        )
+    adata = ad.read_h5ad(path)
+    if "counts" not in adata.layers:
+        adata.layers["counts"] = adata.X.copy()
+    return adata
 
 
-def _hex_array_coords(
-    xy: np.ndarray, spacing: float, origin: tuple[float, float] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Integer (column, row) of a Visium-like hexagonal grid, Visium convention: columns count
-    half spacings, so the six neighbours of a spot are at (±2, 0) and (±1, ±1). ``origin``: the
-    position of grid spot (0, 0) (default: the smallest x and y)."""
-    x0, y0 = (xy[:, 0].min(), xy[:, 1].min()) if origin is None else origin
-    row = np.rint((xy[:, 1] - y0) / (spacing * np.sqrt(3) / 2)).astype(int)
-    col = np.rint((xy[:, 0] - x0) / (spacing / 2)).astype(int)
-    return col, row
+def _grid_from_coordinates(xy: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Integer pseudo-grid of irregular positions (single cells): coordinates over the median
+    nearest-neighbour distance of the section, rounded (AESTETIK reads a grid)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    grid = np.zeros_like(xy, dtype=int)
+    for s in np.unique(samples):
+        sel = samples == s
+        d = NearestNeighbors(n_neighbors=2).fit(xy[sel]).kneighbors(xy[sel])[0][:, 1]
+        grid[sel] = np.rint((xy[sel] - xy[sel].min(0)) / np.median(d)).astype(int)
+    return grid
 
 
-def select_genes(adata: AnnData, n_top_genes: int = N_HVG, batch_key: str = SAMPLE_KEY) -> AnnData:
-    """Highly variable genes (scanpy ``seurat_v3`` on counts, per batch); all genes when there
-    are at most ``n_top_genes``. Returns a copy restricted to the selected genes."""
+def _tidy(adata: AnnData, morphology: str) -> AnnData:
+    """Labels as a categorical with NaN where unlabelled, sample / patient as strings."""
+    label = adata.obs[LABEL_KEY].astype(object)
+    adata.obs[LABEL_KEY] = pd.Categorical(label.where(label.notna(), None))
+    for key in (SAMPLE_KEY, PATIENT_KEY):
+        adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    adata.uns["benchmark"] = {"morphology": morphology}
+    return adata
+
+
+def _starmap(view: bool = False) -> AnnData:
+    """STARmap mPFC, 3 mice (one section each), 4 layers on every cell; ``view``: the
+    synthetic image view of ``starmap_view``."""
+    adata = _read_shared("starmap_mpfc/starmap_mpfc.h5ad")
+    adata.obs[PATIENT_KEY] = adata.obs["mouse"]  # every section is another animal
+    samples = adata.obs[SAMPLE_KEY].astype(str).to_numpy()
+    grid = _grid_from_coordinates(np.asarray(adata.obsm["spatial"], float), samples)
+    adata.obs["x_array"], adata.obs["y_array"] = grid[:, 0], grid[:, 1]
+    if not view:
+        return _tidy(adata, "none")
+    rng = np.random.default_rng(0)
+    labels = adata.obs[LABEL_KEY].astype(str).to_numpy()
+    shift = {s: rng.normal(0, VIEW_SECTION_SD, VIEW_DIM) for s in np.unique(samples)}
+    signal = {c: rng.normal(0, VIEW_SIGNAL_SD, VIEW_DIM) for c in np.unique(labels)}
+    X = rng.normal(0, VIEW_NOISE_SD, (adata.n_obs, VIEW_DIM))
+    X += np.stack([shift[s] for s in samples]) + np.stack([signal[c] for c in labels])
+    adata.obsm[MORPHOLOGY_KEY] = X.astype(np.float32)
+    return _tidy(
+        adata,
+        f"synthetic: section shift sd {VIEW_SECTION_SD}, noise sd {VIEW_NOISE_SD}, "
+        f"domain signal sd {VIEW_SIGNAL_SD}, {VIEW_DIM} dims",
+    )
+
+
+def _her2st_morphology(adata: AnnData, cache_dir: Path | None) -> tuple[np.ndarray | None, str]:
+    """Stain-texture morphology of the 8 her2st sections with an image, cached on disk."""
+    from histovi.pp import embed_morphology
+
+    cache = Path(cache_dir) / "her2st_morphology_stain-texture.npz" if cache_dir else None
+    names = adata.obs_names.to_numpy().astype(str)
+    if cache is not None and cache.exists():
+        saved = np.load(cache, allow_pickle=False)
+        if np.array_equal(saved["obs_names"], names):
+            return saved["X"], "stain-texture (cached)"
+    light = AnnData(obs=adata.obs[[SAMPLE_KEY]].copy(), shape=(adata.n_obs, 0))
+    light.obsm["spatial"], light.uns["spatial"] = adata.obsm["spatial"], adata.uns["spatial"]
+    embed_morphology(light, encoder="stain-texture", image_dir=shared_data_dir() / "her2st")
+    X = np.asarray(light.obsm[MORPHOLOGY_KEY], dtype=np.float32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, X=X, obs_names=names)
+    return X, "stain-texture"
+
+
+def _her2st(cache_dir: Path | None) -> AnnData:
+    """her2st patients A-D: 24 sections, labels on A1, B1, C1, D1; H&E on 8 sections."""
+    adata = _read_shared("her2st/her2st_dev.h5ad")
+    arr = np.asarray(adata.obsm["array"])
+    adata.obs["x_array"], adata.obs["y_array"] = np.rint(arr[:, :2]).astype(int).T
+    X, source = _her2st_morphology(adata, cache_dir)
+    adata.obsm[MORPHOLOGY_KEY] = X
+    return _tidy(adata, source)
+
+
+def _sim(name: str, seed: int = 0) -> AnnData:
+    """A simulator scenario of :data:`SIM_SCENARIOS` (labels = the simulated domains)."""
+    import histovi
+    from histovi.datasets._simulate import SPOT_SPACING_UM as spacing
+
+    params = dict(SIM_SCENARIOS[name])
+    simulate = histovi.datasets.simulate_layers if params.pop("layers", False) else None
+    adata = (simulate or histovi.datasets.simulate)(seed=seed, **params)
+    adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str)
+    # Visium-like hexagonal grid placed one spacing from the image corner: columns count half
+    # spacings, so a spot's six neighbours are at (+-2, 0) and (+-1, +-1)
+    xy = np.asarray(adata.obsm["spatial"]) - spacing
+    adata.obs["y_array"] = np.rint(xy[:, 1] / (spacing * np.sqrt(3) / 2)).astype(int)
+    adata.obs["x_array"] = np.rint(xy[:, 0] / (spacing / 2)).astype(int)
+    return _tidy(adata, "simulated")
+
+
+def load_raw(name: str, cache_dir: str | os.PathLike | None = None) -> AnnData:
+    """A study of :data:`SCENARIOS` with all its genes and no spatial neighbours."""
+    if name not in SCENARIOS:
+        raise KeyError(f"Unknown data {name!r}: use one of {list(SCENARIOS)}.")
+    if name in SIM_SCENARIOS:
+        return _sim(name)
+    if name == "her2st":
+        return _her2st(Path(cache_dir) if cache_dir else None)
+    return _starmap(view=name == "starmap_view")
+
+
+def select_genes(adata: AnnData, n_top_genes: int = N_HVG) -> AnnData:
+    """A copy restricted to the HVGs (scanpy ``seurat_v3`` on counts, per section); all genes
+    when there are at most ``n_top_genes``."""
     import scanpy as sc
 
-    if n_top_genes < 1:
-        raise ValueError(f"n_top_genes={n_top_genes} must be positive: pass the number of HVGs.")
     if adata.n_vars <= n_top_genes:
         return adata.copy()
     hvg = sc.pp.highly_variable_genes(
         adata,
         n_top_genes=n_top_genes,
         flavor="seurat_v3",
-        batch_key=batch_key,
+        batch_key=SAMPLE_KEY,
         layer="counts",
         inplace=False,
     )
-    keep = adata.var_names.isin(hvg.index[hvg["highly_variable"].to_numpy()])
-    return adata[:, keep].copy()
+    return adata[:, hvg["highly_variable"].to_numpy()].copy()
 
 
-def _finish(adata: AnnData, scenario: str, morphology: str, n_top_genes: int) -> AnnData:
+def prepare(adata: AnnData, n_top_genes: int = N_HVG) -> AnnData:
+    """The benchmark's genes and k = 6 spatial neighbours within each section (a copy)."""
     import histovi
 
     adata = select_genes(adata, n_top_genes)
+    adata.X = adata.layers["counts"]
     histovi.pp.spatial_neighbors(adata, sample_key=SAMPLE_KEY, n_neighbors=N_NEIGHBORS)
-    adata.uns["benchmark"] = {
-        "scenario": scenario,
-        "n_genes": int(adata.n_vars),
-        "n_spots": int(adata.n_obs),
-        "n_samples": int(adata.obs[SAMPLE_KEY].nunique()),
-        "morphology": morphology,
-        "n_neighbors": N_NEIGHBORS,
-    }
     return adata
 
 
-def load_sim(scenario: str = "sim", seed: int = 0, n_top_genes: int = N_HVG) -> AnnData:
-    """A simulator scenario of :data:`SIM_SCENARIOS` (labels = ``obs['domain']`` on every
-    section, batch = section), simulated by the function its ``"simulator"`` entry names."""
-    import histovi
-
-    if scenario not in SIM_SCENARIOS:
-        raise KeyError(
-            f"Unknown simulator scenario {scenario!r}: use one of {list(SIM_SCENARIOS)}."
-        )
-    params = dict(SIM_SCENARIOS[scenario])
-    simulator = params.pop("simulator", "tumour")
-    if simulator not in SIMULATORS:
-        raise KeyError(
-            f"Scenario {scenario!r} names simulator {simulator!r}: use one of {list(SIMULATORS)}."
-        )
-    simulate = getattr(histovi.datasets, SIMULATORS[simulator])
-    adata = simulate(seed=seed, **{"expression_embedding_dim": FM_DIM, **params})
-    adata.obs[LABEL_KEY] = adata.obs["domain"].astype(str).astype("category")
-    spacing = histovi.datasets._simulate.SPOT_SPACING_UM
-    # every section is drawn on the same hexagonal grid, placed one spacing from the image
-    # corner (the layered simulator leaves out spots beyond the pial surface, so the smallest
-    # coordinates of a section need not be the grid's)
-    col, row = _hex_array_coords(adata.obsm["spatial"], spacing, origin=(spacing, spacing))
-    adata.obs["x_array"], adata.obs["y_array"] = col, row
-    adata = _finish(adata, scenario, "simulated (obsm['X_morphology'])", n_top_genes)
-    adata.uns["benchmark"]["expression_embedding"] = "simulated (obsm['X_fm'])"
-    adata.uns["benchmark"]["simulator"] = SIMULATORS[simulator]
+def load(name: str, cache_dir: str | os.PathLike | None = None) -> AnnData:
+    """A study of :data:`SCENARIOS`, prepared for every method (module docstring)."""
+    adata = prepare(load_raw(name, cache_dir))
+    adata.uns["benchmark"].update(
+        scenario=name,
+        n_spots=int(adata.n_obs),
+        n_genes=int(adata.n_vars),
+        n_samples=int(adata.obs[SAMPLE_KEY].nunique()),
+        n_neighbors=N_NEIGHBORS,
+    )
     return adata
-
-
-def _her2st_morphology(
-    adata: AnnData, data_dir: Path, cache_dir: Path | None
-) -> tuple[np.ndarray | None, str]:
-    """Stain-texture morphology of the 8 her2st sections with an image, cached on disk."""
-    try:
-        from histovi.pp import embed_morphology
-    except ImportError as err:  # the morphology stage is written in parallel
-        return None, f"none (histovi.pp.embed_morphology unavailable: {err})"
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / "her2st_morphology_stain-texture.npz"
-        if cache.exists():
-            saved = np.load(cache, allow_pickle=False)
-            if np.array_equal(saved["obs_names"], adata.obs_names.to_numpy().astype(str)):
-                return saved["X"], "stain-texture (cached)"
-    light = AnnData(obs=adata.obs[[SAMPLE_KEY]].copy(), shape=(adata.n_obs, 0))
-    light.obsm["spatial"] = adata.obsm["spatial"]
-    light.uns["spatial"] = adata.uns["spatial"]
-    embed_morphology(light, encoder="stain-texture", image_dir=data_dir, sample_key=SAMPLE_KEY)
-    X = np.asarray(light.obsm["X_morphology"], dtype=np.float32)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, X=X, obs_names=adata.obs_names.to_numpy().astype(str))
-    return X, "stain-texture"
-
-
-def read_her2st_counts():
-    """The shared her2st AnnData with raw counts copied to ``layers['counts']``."""
-    import anndata as ad
-
-    path = her2st_dir() / "her2st_dev.h5ad"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"her2st not found at {path}: put the shared data beside the checkout or set "
-            "HISTOVI_SHARED_DATA to the folder holding her2st/."
-        )
-    adata = ad.read_h5ad(path)
-    adata.layers["counts"] = adata.X.copy()
-    return adata
-
-
-def load_her2st(
-    n_top_genes: int = N_HVG,
-    morphology: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-) -> AnnData:
-    """her2st patients A-D: 24 sections pooled, batch = section, labels on A1, B1, C1, D1.
-
-    Parameters
-    ----------
-    n_top_genes
-        HVGs (scanpy ``seurat_v3`` on counts, ``batch_key='sample'``).
-    morphology
-        Embed the H&E tiles (8 sections have an image) with ``histovi.pp.embed_morphology``
-        (``encoder='stain-texture'``); spots without an image get NaN rows.
-    cache_dir
-        Folder where the morphology embedding is cached between runs.
-    """
-    import histovi
-
-    data_dir = her2st_dir()
-    adata = read_her2st_counts()
-    label = adata.obs["label"].astype(object)
-    adata.obs[LABEL_KEY] = pd.Categorical(label.where(label.notna(), None))
-    arr = np.asarray(adata.obsm["array"])
-    adata.obs["x_array"] = np.rint(arr[:, 0]).astype(int)
-    adata.obs["y_array"] = np.rint(arr[:, 1]).astype(int)
-    source = "none (morphology=False)"
-    if morphology:
-        X, source = _her2st_morphology(adata, data_dir, Path(cache_dir) if cache_dir else None)
-        if X is not None:
-            adata.obsm["X_morphology"] = X
-    adata = _finish(adata, "her2st", source, n_top_genes)
-    histovi.pp.embed_expression(adata, "pca", layer="counts", key_added=FM_KEY, n_comps=FM_DIM)
-    adata.uns["benchmark"]["expression_embedding"] = "pca (offline)"
-    return adata
-
-
-def load(name: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> AnnData:
-    """Load a scenario by name (:data:`SCENARIOS`)."""
-    loaders: dict[str, Callable[[], AnnData]] = {
-        "her2st": lambda: load_her2st(cache_dir=cache_dir),
-        **{s: (lambda s=s: load_sim(s, seed=seed)) for s in SIM_SCENARIOS},
-    }
-    if name not in loaders:
-        raise KeyError(f"Unknown data {name!r}: use one of {list(loaders)}.")
-    return loaders[name]()
