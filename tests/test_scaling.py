@@ -1,7 +1,6 @@
 """Large data: the loader's neighbour gathering, backed (on-disk) counts, the count check in
 slices, and the scaling benchmark's harness (benchmarks/scaling.py) on a tiny study."""
 
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -131,67 +130,6 @@ def test_count_check_runs_in_slices(monkeypatch):
         Y.data[-1] = bad  # in the last slice
         with pytest.raises(ValueError, match=match):
             _validation.check_counts(ad.AnnData(Y), None)
-
-
-def test_scaling_benchmark_on_a_tiny_study(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import scaling
-    finally:
-        sys.path.remove(str(BENCH))
-    import scvi
-
-    path = scaling.study_path(tmp_path, 400, 150, 8)
-    info = scaling.make_study(path, 400, n_genes=150, morph_dim=8)
-    assert info["n_sections"] == scaling.N_SECTIONS
-    adata = ad.read_h5ad(path)
-    assert adata.shape == (400, 150) and sp.issparse(adata.X)
-    # 40 spots per chunk of 4 sections of 8 x 8 spots: the first section of each chunk
-    assert adata.obs["sample"].nunique() == scaling.N_CHUNKS
-    original = scvi.data.AnnTorchDataset.__getitem__
-    rows = []
-    for method in ("scvi", "histovi"):
-        row = scaling.run_one(method, path, epochs=1, limit_batches=2, batch_size=64)
-        assert row["extrapolated"] and row["batches_timed"] == 2
-        assert row["sec_per_epoch"] > 0 and 0 < row["loader_share"] < 1
-        assert row["latent_shape"] == [400, 16]
-        rows.append(row)
-    assert rows[1]["niche_sec"] > 0 and rows[1]["spatial_prior_fit_sec"] > 0
-    assert scvi.data.AnnTorchDataset.__getitem__ is original  # the timers are removed
-    text = scaling.table(rows)
-    assert "| 400 | scVI |" in text and "| 400 | HistoVI |" in text
-    assert "HistoVI / scVI" in text and "extrapolated" in text
-
-
-def test_scaling_benchmark_times_one_step(tmp_path):
-    """``scaling.py --step``: a row per share of non-zero counts with both modules' step and
-    both likelihoods, written as JSON and as a table."""
-    import json
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        import scaling
-    finally:
-        sys.path.remove(str(BENCH))
-    scaling.main(
-        [
-            "--step",
-            "--genes",
-            "60",
-            "--morphology-dim",
-            "4",
-            "--batch-size",
-            "16",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    rows = json.loads((tmp_path / "step.json").read_text())
-    assert [r["density"] < 0.35 for r in rows] == [True, False, False]
-    for r in rows:
-        for key in ("scvi_step_ms", "histovi_step_ms", "scvi_nb_ms", "histovi_nb_ms"):
-            assert r[key] > 0
-    assert "HistoVI / scVI" in (tmp_path / "step.md").read_text()
 
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.9])

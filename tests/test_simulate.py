@@ -2,15 +2,12 @@
 the benchmark scenarios built on them."""
 
 import hashlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-import histovi
 from histovi.datasets import LAYERS, simulate, simulate_layers
 
 SMALL = {
@@ -289,21 +286,3 @@ def test_morphology_gradient_misleads_within_sections_only():
         assert np.corrcoef(fitted, d[:, top])[0, 1] > 0.999  # linear in position
     with pytest.raises(ValueError, match="morphology_gradient"):
         simulate(**kwargs, morphology_gradient=-1.0)
-
-
-def test_benchmark_layers_scenario_loads():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import _data
-
-    assert {"sim_layers", "sim_layers_tiny", "sim_weak_view", "sim_adverse_view"} <= set(
-        _data.SCENARIOS
-    )
-    adata = _data.load_sim("sim_layers_tiny")
-    assert list(adata.obs[_data.LABEL_KEY].cat.categories) == list(LAYERS)
-    assert adata.uns["benchmark"]["simulator"] == "simulate_layers"
-    assert {"x_array", "y_array"} <= set(adata.obs.columns)
-    assert not adata.obs.duplicated(["sample", "x_array", "y_array"]).any()
-    assert adata.obsm["spatial_neighbors"].shape[0] == adata.n_obs
-    assert np.isfinite(adata.obsm["X_morphology"]).all()
-    assert adata.obsm[_data.FM_KEY].shape == (adata.n_obs, _data.FM_DIM)
-    assert histovi.datasets.simulate_layers is not None
