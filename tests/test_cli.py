@@ -227,3 +227,26 @@ def test_her2st_folder(tmp_path, her2st_dir):
     valid = ~np.isnan(adata.obsm["X_morphology"]).any(1)
     assert valid[(adata.obs["sample"] == "C2").to_numpy()].mean() > 0.5
     assert not valid[(adata.obs["sample"] == "B1").to_numpy()].any()
+
+
+@pytest.mark.parametrize(("interval", "saves"), [(3600.0, 2), (0.0, 5)])
+def test_training_checkpoints_after_the_first_epoch_then_at_an_interval(
+    tmp_path, tiny_adata, monkeypatch, interval, saves
+):
+    """`histovi run` trains with a checkpoint folder: written after the first epoch (a
+    resumable state early), then when CHECKPOINT_INTERVAL_S have passed, and at the end; not
+    after every epoch, which cost a short epoch its time."""
+    from _tiny import TRAIN, tiny_model
+
+    from histovi.model import _training
+
+    written = []
+    real = _training.atomic_torch_save
+    monkeypatch.setattr(_training, "CHECKPOINT_INTERVAL_S", interval)
+    monkeypatch.setattr(
+        _training,
+        "atomic_torch_save",
+        lambda obj, path: (written.append(obj["epoch"]), real(obj, path)),
+    )
+    tiny_model(tiny_adata).train(max_epochs=4, checkpoint_dir=tmp_path, **TRAIN)
+    assert len(written) == saves and written[0] == 0

@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histovi",
         description=(
-            "histovi integrates spatial transcriptomics spots from many samples and patients "
-            "into one latent space learned from expression, H&E morphology and the spatial "
+            "histovi integrates spatial transcriptomics spots from many samples and patients\n"
+            "into one latent space learned from expression, H&E morphology and the spatial\n"
             "neighbourhood. Use `histovi run` for the whole pipeline."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="whole pipeline: embeddings -> model -> domains -> metrics -> figures -> report",
         description=(
-            "Run the whole histovi pipeline and write the results into one folder: read the "
-            "spots (or simulate a study when --input is not given), embed the H&E tile of each "
-            "spot, find spatial neighbours, train a HistoVI model, cluster its latent space into "
+            "Run the whole histovi pipeline and write the results into one folder: read the\n"
+            "spots (or simulate a study when --input is not given), embed the H&E tile of each\n"
+            "spot, find spatial neighbours, train a HistoVI model, cluster its latent space into\n"
             "tissue domains, score them, draw figures and write report.html."
         ),
         epilog=EPILOG,
