@@ -18,6 +18,12 @@ def main(checkpoint_dir: str, marker: str, hold_epoch: int, max_epochs: int) -> 
     from _tiny import TRAIN, tiny_model, tiny_study
     from lightning.pytorch.callbacks import Callback
 
+    from histovi.model import _training
+
+    _training.CHECKPOINT_INTERVAL_S = (
+        0.0  # a checkpoint after every epoch: the test kills mid-epoch
+    )
+
     class Hold(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.current_epoch == hold_epoch and batch_idx == 1:

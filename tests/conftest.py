@@ -7,6 +7,14 @@ import pytest
 matplotlib.use("Agg")
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: nothing a test writes by a relative path
+    (Lightning's logs, a default `histovi_out`) lands in the checkout, and no test depends on
+    what the working directory holds."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the checkout (or $HISTOVI_SHARED_DATA)."""
     env = os.environ.get("HISTOVI_SHARED_DATA")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -60,39 +61,53 @@ def test_default_run_writes_every_output(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # figures embedded: self-contained
     assert "simulate.grid_size" in html and "ARI" in html
+    assert "higher is better" in html  # each metric says which way is good
+    # the section without an image (the simulator's last one) and what it costs
+    missing = metrics["sections_without_image"]
+    assert missing["sections"] == ["P2_S1"] and missing["morphology_only_pairs"]
+    assert "Sections without an image" in html and "P2_S1" in html
+    assert {r["sample"]: r["image"] for r in metrics["per_sample"]} == {
+        "P1_S1": True,
+        "P2_S1": False,
+    }
+    # each domain is drawn in the colour of the label it is matched to, in every figure
+    labels, domains = adata.obs["domain"].cat.categories, adata.obs[cli.DOMAIN_KEY].cat.categories
+    colors = dict(zip(labels, adata.uns["domain_colors"], strict=True))
+    domain_colors = dict(zip(domains, adata.uns[f"{cli.DOMAIN_KEY}_colors"], strict=True))
+    for row in metrics["domain_labels"]:
+        if row["label"] is not None:
+            assert domain_colors[row["domain"]] == colors[row["label"]]
 
     printed = capsys.readouterr()
     assert "report:" in printed.out and "ARI_mean" in printed.out
     assert printed.err == ""  # --quiet: no progress, no warnings
 
 
-def test_input_h5ad_options_and_reload(tmp_path, small_adata):
+def test_input_h5ad_from_python_and_reload(tmp_path, small_adata, capfd):
+    from histovi import pipeline
+
     path = tmp_path / "study.h5ad"
     small_adata.write_h5ad(path)
     out = tmp_path / "out"
-    # no labels: the protocol and scib-metrics scores are skipped, k comes from --n-domains
-    argv = [
-        "run",
-        "--input",
-        str(path),
-        "--out",
-        str(out),
-        "--label-key",
-        "none",
-        "--n-domains",
-        "3",
-        "--encoder",
-        "precomputed",
-        "--samples",
-        "P1_S1",
-        "P2_S1",
-        "--n-top-genes",
-        "100",
-        "--max-epochs",
-        "1",
-        "--quiet",
-    ]
-    assert cli.main(argv) == 0
+    # the command line's run as a library call; no labels: the protocol and scib-metrics scores
+    # are skipped, k comes from n_domains
+    result = pipeline.run(
+        out,
+        input=str(path),
+        label_key="none",
+        n_domains=3,
+        encoder="precomputed",
+        samples=["P1_S1", "P2_S1"],
+        n_top_genes=100,
+        max_epochs=1,
+    )
+    assert result.report == out / "report.html" and result.adata.n_obs == 200
+    assert result.summary["n_domains"] == 3 == result.adata.obs[cli.DOMAIN_KEY].nunique()
+    # progress on stderr, none of the libraries' chatter (whatever stream it was sent to)
+    printed = capfd.readouterr()
+    assert "[5/9] train HistoVI" in printed.err
+    for chatter in ("GPU available", "Tip:", "INFO", "Seed set", "deprecated", "Warning"):
+        assert chatter not in printed.out + printed.err, chatter
     adata = ad.read_h5ad(out / "adata.h5ad")
     assert adata.n_vars == 100  # highly variable genes kept
     assert set(adata.obs["sample"]) == {"P1_S1", "P2_S1"}
@@ -154,7 +169,11 @@ def test_help_and_module_entry_point(capsys):
     for word in ("--input", "--sample-key", "examples:", "report.html", "--n-top-genes"):
         assert word in help_text
     assert "--sim-grid" not in help_text  # test-only flags stay hidden
-    # `python -m histovi` is the same command, with exit code 2 and one line for bad input
+    # `python -m histovi` is the same command, with exit code 2 and one line for bad input;
+    # the input is checked before the output folder: a finished run left in the default
+    # --out (the README's first line, run in this folder) does not hide a missing input
+    Path("histovi_out").mkdir()
+    (Path("histovi_out") / "adata.h5ad").write_bytes(b"a previous run")
     proc = subprocess.run(
         [sys.executable, "-m", "histovi", "run", "--input", "/nonexistent.h5ad"],
         capture_output=True,
@@ -163,6 +182,22 @@ def test_help_and_module_entry_point(capsys):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("histovi: error: --input")
+    assert "does not exist" in proc.stderr
+    # --help and a bad command line answer without loading torch, scanpy or anndata
+    probe = (
+        "import sys\n"
+        "from histovi import cli\n"
+        "for argv in (['run', '--help'], ['run', '--input', '/nonexistent.h5ad']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'scanpy', 'anndata', 'pandas') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -192,3 +227,26 @@ def test_her2st_folder(tmp_path, her2st_dir):
     valid = ~np.isnan(adata.obsm["X_morphology"]).any(1)
     assert valid[(adata.obs["sample"] == "C2").to_numpy()].mean() > 0.5
     assert not valid[(adata.obs["sample"] == "B1").to_numpy()].any()
+
+
+@pytest.mark.parametrize(("interval", "saves"), [(3600.0, 2), (0.0, 5)])
+def test_training_checkpoints_after_the_first_epoch_then_at_an_interval(
+    tmp_path, tiny_adata, monkeypatch, interval, saves
+):
+    """`histovi run` trains with a checkpoint folder: written after the first epoch (a
+    resumable state early), then when CHECKPOINT_INTERVAL_S have passed, and at the end; not
+    after every epoch, which cost a short epoch its time."""
+    from _tiny import TRAIN, tiny_model
+
+    from histovi.model import _training
+
+    written = []
+    real = _training.atomic_torch_save
+    monkeypatch.setattr(_training, "CHECKPOINT_INTERVAL_S", interval)
+    monkeypatch.setattr(
+        _training,
+        "atomic_torch_save",
+        lambda obj, path: (written.append(obj["epoch"]), real(obj, path)),
+    )
+    tiny_model(tiny_adata).train(max_epochs=4, checkpoint_dir=tmp_path, **TRAIN)
+    assert len(written) == saves and written[0] == 0

@@ -461,7 +461,7 @@ def test_cli_killed_run_is_finished_and_a_finished_run_never_overwritten(
 ):
     import json
 
-    from histovi import cli
+    from histovi import cli, pipeline
 
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert cli.main(["run", "--out", str(ref), *CLI_TINY]) == 0
@@ -493,7 +493,7 @@ def test_cli_killed_run_is_finished_and_a_finished_run_never_overwritten(
     # killed after training (while drawing figures): the same command finishes it without
     # training again, from the finished checkpoint
     late = tmp_path / "late"
-    monkeypatch.setattr(cli, "figures", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    monkeypatch.setattr(pipeline, "figures", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
     assert cli.main(["run", "--out", str(late), *CLI_TINY]) == 1
     monkeypatch.undo()
     capsys.readouterr()

@@ -150,3 +150,65 @@ def test_scores_from_protocol_table_and_summary():
     assert len(fig.axes[0].patches) == 4
     with pytest.raises(KeyError, match="embedding"):
         pl.scores(df, x="embedding")
+
+
+def test_match_colors_gives_each_domain_its_labels_colour():
+    adata = _sections(n_samples=2)
+    # domains named otherwise than the labels, one label split over two domains
+    names = {"0": "c", "1": "a", "2": "b"}
+    domains = adata.obs["domain"].astype(str).map(names).to_numpy(dtype=object)
+    domains[:3] = "extra"
+    adata.obs["cluster"] = pd.Categorical(domains)
+    pairs = pl.match_colors(adata, "cluster", "domain")
+    assert pairs == {"c": "0", "a": "1", "b": "2"}
+    label = dict(zip(["0", "1", "2"], adata.uns["domain_colors"], strict=True))
+    cluster = dict(
+        zip(adata.obs["cluster"].cat.categories, adata.uns["cluster_colors"], strict=True)
+    )
+    assert all(cluster[c] == label[lab] for c, lab in pairs.items())
+    assert cluster["extra"] not in label.values()  # unmatched: a colour no label has
+    # the figures use them: the same colour for a domain and its label
+    fig = pl.domains(adata, color="cluster", samples=["S1"])
+    drawn = {
+        t.get_text(): h.get_color()
+        for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles, strict=True)
+    }
+    assert drawn["c"] == label["0"]
+
+
+def test_training_curves_leave_out_constant_terms():
+    history = _history()
+    history["kl_global_train"] = pd.DataFrame(
+        {"kl_global_train": np.zeros(5)}, index=pd.Index(np.arange(5), name="epoch")
+    )
+    fig = pl.training_curves(history)
+    assert "kl_global" not in [ax.get_title() for ax in fig.axes]
+    assert any("kl_global = 0" in t.get_text() for t in fig.texts)
+    assert "kl_global" in [
+        ax.get_title() for ax in pl.training_curves(history, drop_flat=False).axes
+    ]
+
+
+def test_warnings_inside_histovi_point_at_the_callers_line():
+    """A decorator adds a frame: the warnings of decorated functions (stacklevel counted for
+    the undecorated one) still name the line that called histovi, here this file."""
+    import warnings
+
+    from histovi._threads import keeps_torch_threads
+
+    @keeps_torch_threads
+    def inner():
+        warnings.warn("from inside", UserWarning, stacklevel=2)
+
+    @keeps_torch_threads
+    def outer():
+        inner()
+
+    for call in (inner, outer):
+        with pytest.warns(UserWarning, match="from inside") as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__], call.__name__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):  # filters still apply where the warning is raised
+            inner()

@@ -23,6 +23,7 @@ from _tiny import TRAIN, tiny_model
 
 import histovi
 from histovi import HistoVI
+from histovi._outdir import file_stamp, remove_outputs, write_record
 
 SRC = Path(histovi.__file__).parent
 
@@ -181,9 +182,9 @@ def test_cli_resume_from_a_crafted_checkpoint_never_runs_it(tmp_path, capsys):
 
     out, marker = tmp_path / "out", tmp_path / "ran"
     argv = ["run", "--out", str(out), *CLI_SIM]
-    args = cli.build_parser().parse_args(argv)
+    options = cli.options(cli.build_parser().parse_args(argv)).record()
     (out / "checkpoints").mkdir(parents=True)
-    cli._write_status(out, "running", cli.run_options(args), {"checkpoints": "dir"})
+    write_record(out, "running", options, {"checkpoints": "dir"})
     _crafted_checkpoint(out / "checkpoints" / "last.ckpt", marker)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -596,10 +597,10 @@ def test_cli_overwrite_replaces_only_what_a_run_recorded_writing(tmp_path, capsy
     err = capsys.readouterr().err
     assert "umap.png" in err and "no histovi run recorded" in err
     # a run record that does not list it: still not histovi's
-    args = cli.build_parser().parse_args(argv)
+    options = cli.options(cli.build_parser().parse_args(argv)).record()
     (out / "metrics.json").write_text("{}")
-    written = {"metrics.json": cli._file_stamp(out / "metrics.json")}
-    cli._write_status(out, "complete", cli.run_options(args), written)
+    written = {"metrics.json": file_stamp(out / "metrics.json")}
+    write_record(out, "complete", options, written)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "umap.png" in err and "metrics.json" not in err
@@ -618,7 +619,6 @@ def test_cli_overwrite_replaces_only_what_a_run_recorded_writing(tmp_path, capsy
 
 
 def test_removing_a_previous_run_keeps_files_it_did_not_write(tmp_path):
-    from histovi import cli
 
     out = tmp_path / "out"
     (out / "model").mkdir(parents=True)
@@ -627,7 +627,7 @@ def test_removing_a_previous_run_keeps_files_it_did_not_write(tmp_path):
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
     (out / "metrics.json").write_text("{}")
-    cli._remove_outputs(out)
+    remove_outputs(out)
     assert (out / "model" / "notes.txt").read_text() == "mine"
     assert not (out / "model" / "model.pt").exists()
     assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()

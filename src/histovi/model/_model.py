@@ -22,6 +22,7 @@ from scvi.model.base import (
 )
 
 from .._constants import UNS_KEY
+from .._quiet import quiet_libraries
 from .._validation import check_counts, check_finite_or_nan_rows, check_indices, require_obsm
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE
@@ -388,6 +389,7 @@ class HistoVI(
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
         checkpoint_dir: str | None = None,
+        verbose: bool = False,
         **trainer_kwargs,
     ):
         """Train the model (arguments as :meth:`scvi.model.SCVI.train`).
@@ -398,8 +400,10 @@ class HistoVI(
         and 200 epochs. The KL weight warms up over :data:`KL_WARMUP_FACTOR` times
         ``max_epochs`` unless ``plan_kwargs`` sets a warm-up.
 
-        ``checkpoint_dir``: save a checkpoint there after every epoch (``last.ckpt``); if one
-        is already there, training resumes from it (same model settings and data). Lightning
+        ``checkpoint_dir``: save a checkpoint there (``last.ckpt``) after the first epoch, then
+        at most once a minute and when training ends; if one is already there, training resumes
+        from it (same model settings and data). ``verbose``: show Lightning's and scvi-tools'
+        log lines and deprecation warnings (hardware found, tips, why training stopped). Lightning
         arguments (``strategy``, ``callbacks``, ...) pass through. After training, the
         neighbours' share of the domain latent is fitted to the data (not for a query, which
         keeps the reference's).
@@ -433,17 +437,18 @@ class HistoVI(
             splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             splitter_kwargs.setdefault("gather_niche", False)
             trainer_kwargs["datasplitter_kwargs"] = splitter_kwargs
-        out = super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
+        with quiet_libraries(verbose=verbose):
+            out = super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                **trainer_kwargs,
+            )
         if not is_query:
             record["train_spot_epochs"] = record.get("train_spot_epochs", 0) + n * max_epochs
         return out

@@ -2,8 +2,9 @@
 and a stop with a clear message when a loss term diverges.
 
 * :func:`checkpointing` gives :meth:`histovi.HistoVI.train` the Lightning arguments behind its
-  ``checkpoint_dir=``: ``last.ckpt`` written atomically at the end of every epoch and read back
-  (after checking that it belongs to this model and data) when training starts again.
+  ``checkpoint_dir=``: ``last.ckpt`` written atomically after the first epoch, then at most every
+  :data:`CHECKPOINT_INTERVAL_S` seconds and when training ends, and read back (after checking
+  that it belongs to this model and data) when training starts again.
 * :class:`ResumeStateCallback` stores what a checkpoint of Lightning lacks for a resumed run to
   continue *exactly* as the uninterrupted one: the random number generators (minibatch order,
   dropout, posterior samples, view dropout), captured at the end of every epoch and restored at
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 #: Key of histovi's record in a Lightning checkpoint written by ``train(checkpoint_dir=...)``.
 CHECKPOINT_KEY = "histovi"
 LAST_CHECKPOINT = "last.ckpt"
+#: Seconds between two checkpoints of ``train(checkpoint_dir=...)`` (besides the first epoch's
+#: and the last): a killed run loses at most this much training, and a short epoch does not
+#: pay for writing (and syncing to disk) the weights and optimizer state every time.
+CHECKPOINT_INTERVAL_S = 60.0
 
 
 class TrainingDivergedError(RuntimeError):
@@ -143,7 +149,10 @@ class ResumeStateCallback(Callback):
 
 
 class _CheckpointWriter(Checkpoint):
-    """Write ``last.ckpt`` at the end of every epoch and when training ends.
+    """Write ``last.ckpt`` after the first epoch (a resumable state early, and a folder that
+    cannot be written fails at once), then at the end of an epoch when
+    :data:`CHECKPOINT_INTERVAL_S` seconds have passed since the last one, and when training
+    ends. Resuming from any of them gives the uninterrupted run's result.
 
     A Lightning ``Checkpoint``, so that it runs after every other callback (early stopping
     included, and after the spatial prior's end-of-training refit): the checkpoint holds the
@@ -154,6 +163,7 @@ class _CheckpointWriter(Checkpoint):
 
     def __init__(self, owner: ResumeStateCallback):
         self.owner = owner
+        self._saved_at: float | None = None  # time.monotonic() of the last checkpoint
 
     @property
     def state_key(self) -> str:
@@ -162,9 +172,11 @@ class _CheckpointWriter(Checkpoint):
     def _save(self, trainer) -> None:
         if not trainer.sanity_checking:
             trainer.save_checkpoint(self.owner.path, weights_only=False)
+            self._saved_at = time.monotonic()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        if self._saved_at is None or time.monotonic() - self._saved_at >= CHECKPOINT_INTERVAL_S:
+            self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         max_epochs = trainer.fit_loop.max_epochs
@@ -332,8 +344,9 @@ def read_checkpoint_record(path: Path) -> dict[str, Any]:
 
 
 def checkpointing(model, checkpoint_dir, trainer_kwargs: dict) -> dict:
-    """Lightning arguments for ``train(checkpoint_dir=...)``: write ``last.ckpt`` atomically at
-    the end of every epoch, and resume from it (after checking it) when it exists."""
+    """Lightning arguments for ``train(checkpoint_dir=...)``: write ``last.ckpt`` atomically
+    (see :class:`_CheckpointWriter` for when), and resume from it (after checking it) when it
+    exists."""
     path = Path(checkpoint_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(

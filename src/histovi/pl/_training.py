@@ -33,9 +33,11 @@ def training_curves(
     keys: Sequence[str] | None = None,
     ncols: int = 3,
     panel_size: float = 3.5,
+    drop_flat: bool = True,
     save: str | PathLike | None = None,
 ) -> plt.Figure:
-    """One panel per loss family, train and validation curves over epochs.
+    """One panel per loss family: its training curve over epochs, and its validation curve
+    when the model was trained with a validation split (``train_size < 1``).
 
     Parameters
     ----------
@@ -52,6 +54,9 @@ def training_curves(
         Panels per row.
     panel_size
         Inches per panel.
+    drop_flat
+        Leave out the families whose every curve is constant (e.g. ``kl_global`` of a model
+        without a global latent: 0 at every epoch); the figure names them in a footnote.
     save
         Path to save the figure to.
 
@@ -88,6 +93,11 @@ def training_curves(
             f"no epoch-level numeric curve in `history` (keys: {list(history)}): train the "
             "model first."
         )
+    flat = {name: curves for name, curves in families.items() if _is_flat(curves)}
+    if drop_flat and len(flat) < len(families):
+        families = {name: curves for name, curves in families.items() if name not in flat}
+    else:
+        flat = {}
     n = len(families)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
@@ -104,4 +114,14 @@ def training_curves(
     for ax in axes.ravel()[n:]:
         fig.delaxes(ax)
     fig.tight_layout()
+    if flat:
+        constant = ", ".join(
+            f"{name} = {next(iter(curves.values())).iloc[0]:.3g}" for name, curves in flat.items()
+        )
+        fig.text(0.01, 0.0, f"constant, not drawn: {constant}", fontsize="small", va="top")
     return finish(fig, save)
+
+
+def _is_flat(curves: dict[str, pd.Series]) -> bool:
+    values = np.concatenate([s.to_numpy(dtype=float) for s in curves.values()])
+    return bool(np.allclose(values, values[0], rtol=1e-9, atol=1e-12))
