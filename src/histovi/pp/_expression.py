@@ -33,8 +33,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .._constants import UNS_KEY
+from .._files import record_uns
 from .._threads import keeps_torch_threads
+from .._validation import check_adata, check_counts, check_whole_number, get_counts
 from ._encoders import sha256_file, sha256_state_dict
 
 if TYPE_CHECKING:
@@ -202,61 +203,26 @@ def embed_expression(
 
 
 def _validate_common(adata: AnnData, *, batch_size: int, max_length: int | None, seed: int) -> None:
-    from anndata import AnnData
-
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(
-            f"adata is empty ({adata.n_obs} spots x {adata.n_vars} genes): nothing to embed."
-        )
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    if max_length is not None and (not isinstance(max_length, int | np.integer) or max_length < 3):
-        raise ValueError(f"max_length={max_length!r} must be an integer >= 3 or None.")
-    if not isinstance(seed, int | np.integer):
-        raise ValueError(f"seed={seed!r} must be an integer.")
+    check_adata(adata)
+    if adata.n_vars == 0:
+        raise ValueError(f"adata has no genes ({adata.n_obs} spots x 0 genes): nothing to embed.")
+    check_whole_number(batch_size, "batch_size", what="spots per forward pass")
+    check_whole_number(max_length, "max_length", minimum=3, allow_none=True)
+    check_whole_number(seed, "seed", minimum=None)
 
 
 def _get_counts(adata: AnnData, layer: str | None) -> sp.csr_matrix:
-    """Return the counts as float64 CSR after checking they are finite non-negative integers."""
-    if layer is None:
-        X = adata.X
-        where = "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise KeyError(
-                f"layer={layer!r} not found in adata.layers (available: {list(adata.layers)}): "
-                "pass the name of the layer holding raw counts, or layer=None for adata.X."
-            )
-        X = adata.layers[layer]
-        where = f"adata.layers[{layer!r}]"
-    if X is None:
-        raise ValueError(f"{where} is empty: store raw counts there or pass layer=...")
-    X = sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
-    values = X.data
-    hint = " Raw counts are needed (the model normalises them itself); " + (
-        f"adata.layers has {list(adata.layers)}: pass layer=<the counts layer>."
-        if len(adata.layers)
-        else "store the raw counts in adata.X or a layer and pass layer=..."
+    """The counts as float64 CSR, after checking every value is a finite non-negative integer."""
+    check_counts(adata, layer, n_check=None)
+    X = get_counts(adata, layer)
+    return (
+        sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
     )
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or inf values." + hint)
-    if values.size and values.min() < 0:
-        raise ValueError(f"{where} contains negative values, so it is not counts." + hint)
-    if values.size and not np.all(values == np.round(values)):
-        raise ValueError(
-            f"{where} contains non-integer values (normalised or log data?), not counts." + hint
-        )
-    return X
 
 
 def _record(adata: AnnData, key_added: str, emb: np.ndarray, info: dict[str, Any]) -> None:
     adata.obsm[key_added] = np.ascontiguousarray(emb, dtype=np.float32)
-    uns = adata.uns.setdefault(UNS_KEY, {})
-    embeddings = uns.setdefault("embeddings", {})
-    # h5ad cannot store None in uns: drop unset entries instead.
-    embeddings[key_added] = {k: v for k, v in info.items() if v is not None}
+    record_uns(adata, "embeddings", info, key=key_added)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,14 +259,10 @@ def _embed_pca(
     import anndata as ad
     import scanpy as sc
 
-    if not isinstance(n_comps, int | np.integer) or n_comps < 1:
-        raise ValueError(f"n_comps={n_comps!r} must be a positive integer.")
-    if n_top_genes is not None and (
-        not isinstance(n_top_genes, int | np.integer) or n_top_genes < 2
-    ):
-        raise ValueError(
-            f"n_top_genes={n_top_genes!r} must be an integer >= 2 or None (all genes)."
-        )
+    check_whole_number(n_comps, "n_comps", what="principal components")
+    check_whole_number(
+        n_top_genes, "n_top_genes", minimum=2, allow_none=True, what="None: all genes"
+    )
     X = _get_counts(adata, layer)
     n_counts = np.asarray(X.sum(axis=1)).ravel()
     empty = n_counts <= 0

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
-from .._files import atomic_write, open_regular
+from .._files import atomic_write, open_regular, record_uns, storable
 from .._threads import keeps_torch_threads
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
@@ -142,19 +142,6 @@ def _check_same(name: str, given: Any, recorded: Any) -> None:
             f"{name}={given!r} differs from the reference embedding ({name}={recorded!r}): a query "
             f"must be embedded with the reference's settings; drop {name}= to reuse them"
         )
-
-
-def _plain(obj: Any) -> Any:
-    """Record values as h5ad-writable types (no None, numpy arrays for vectors)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, str) for v in obj):
-        return np.asarray(obj, dtype=object)
-    if isinstance(obj, (list, tuple)):
-        return np.asarray(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,9 +555,7 @@ def embed_morphology(
         "sections": per_section,
         "reference_encoder_sha256": rec.get("weights_sha256") if rec else None,
     }
-    if not isinstance(adata.uns.get(UNS_KEY), dict):
-        adata.uns[UNS_KEY] = {}
-    adata.uns[UNS_KEY][RECORD_KEY] = _plain(record)
+    record_uns(adata, RECORD_KEY, record)
     n_valid = int(valid.sum())
     logger.info("embedded %d / %d spots with %s", n_valid, adata.n_obs, enc.name)
     if n_valid == 0:
@@ -600,7 +585,7 @@ class _SectionStore:
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.settings = {k: _jsonable(v) for k, v in settings.items()}
+        self.settings = {k: storable(v, json=True) for k, v in settings.items()}
 
     # ---------------------------------------------------------------- sections
     def _path(self, name: str):
@@ -656,7 +641,7 @@ class _SectionStore:
                 embedding=np.asarray(embedding, np.float32),
                 valid=np.asarray(valid, bool),
                 meta=np.array(json.dumps(meta)),
-                info=np.array(json.dumps(_jsonable(info))),
+                info=np.array(json.dumps(storable(info, json=True))),
             )
 
         atomic_write(self._path(plan["section"].name), write)
@@ -692,14 +677,14 @@ class _SectionStore:
     def save_stain(self, plans, target, sources) -> None:
         record = {
             "meta": self._stain_meta(plans),
-            "target": _jsonable(target),
-            "source": {k: _jsonable(v) for k, v in sources.items()},
+            "target": storable(target, json=True),
+            "source": {k: storable(v, json=True) for k, v in sources.items()},
         }
         text = json.dumps(record)
         atomic_write(self.folder / "stain.json", lambda f: f.write(text.encode()))
 
     def _compare(self, saved: Mapping[str, Any], now: Mapping[str, Any], what: str) -> None:
-        now = json.loads(json.dumps(_jsonable(now)))  # as it reads back from the file
+        now = json.loads(json.dumps(storable(now, json=True)))  # as it reads back from the file
         differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if differ:
             detail = "; ".join(
@@ -712,25 +697,13 @@ class _SectionStore:
             )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _digest(value: Any) -> str:
     import hashlib
 
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value).tobytes() + str(value.shape).encode()
     else:
-        data = json.dumps(_jsonable(value), sort_keys=True).encode()
+        data = json.dumps(storable(value, json=True), sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
 
 
