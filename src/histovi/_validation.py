@@ -234,7 +234,9 @@ def check_counts(adata: AnnData, layer: str | None, n_check: int | None = 20_000
     for start in range(0, values.size, _CHECK_SLICE):
         part = values[start : start + _CHECK_SLICE]
         if not np.all(np.isfinite(part)):
-            raise ValueError(f"{where} contains NaN or inf: counts must be finite raw UMI counts.")
+            raise ValueError(
+                f"{where} contains NaN or inf: pass finite raw UMI counts (e.g. layer='counts')."
+            )
         if part.min() < 0:
             raise ValueError(
                 f"{where} contains negative values: pass raw counts (e.g. layer='counts'), "

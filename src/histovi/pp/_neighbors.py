@@ -88,7 +88,9 @@ def spatial_neighbors(
                 f"{ {str(k): int(v) for k, v in small.items()} }. Remove them or lower n_neighbors."
             )
     elif adata.n_obs <= n_neighbors:
-        raise ValueError(f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}.")
+        raise ValueError(
+            f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}: lower n_neighbors."
+        )
     groups = samples.cat.codes.to_numpy() if sample_key is not None else np.zeros(adata.n_obs)
     for code in np.unique(groups):
         xy = coords[groups == code]
