@@ -663,72 +663,22 @@ def _embed_geneformer(
         raise ValueError(f"pooling={pooling!r} must be 'mean' or 'cls'.")
     # Validate the cheap inputs before loading weights.
     X = _get_counts(adata, layer)
-
-    if loaded_model is None:
-        bert, folder, source = _load_geneformer(model_path)
-        dict_root: Path | None = folder
-        model_name = "geneformer"
-    else:
-        transformers = _import_transformers()
-        if not isinstance(loaded_model, transformers.PreTrainedModel) or not hasattr(
-            loaded_model.config, "max_position_embeddings"
-        ):
-            raise ValueError(
-                f"model of type {type(loaded_model).__name__} is not supported: pass "
-                f"{list(_SUPPORTED)} or a transformers BERT model with Geneformer's architecture."
-            )
-        # A BertForMaskedLM (or classifier) wraps the encoder we need as .bert.
-        bert = getattr(loaded_model, "bert", loaded_model)
-        folder = None
-        name_or_path = getattr(loaded_model.config, "_name_or_path", "") or ""
-        if model_path is not None:
-            dict_root = Path(model_path).expanduser()
-        elif name_or_path and Path(name_or_path).is_dir():
-            dict_root = Path(name_or_path)
-        else:
-            dict_root = None
-        source = str(model_path or name_or_path or "loaded object")
-        model_name = "geneformer"
-
+    bert, folder, dict_root, source = _geneformer_model(loaded_model, model_path)
     config = bert.config
     dicts = _find_dictionaries(dict_root, int(config.vocab_size), dictionary_files)
     token_dict = _load_dict(dicts["token"])
     median_dict = _load_dict(dicts["median"])
     name_id_dict = _load_dict(dicts["gene_name"]) if dicts.get("gene_name") is not None else None
+    tokens = _Tokens(token_dict, config, pooling, max_length, hidden_layer)
 
-    cls_id = token_dict.get("<cls>")
-    # Geneformer V2 closes each sequence with <eos>; one intermediate release used <sep>.
-    end_id = token_dict.get("<eos>", token_dict.get("<sep>")) if cls_id is not None else None
-    pad_id = token_dict.get("<pad>", config.pad_token_id if config.pad_token_id is not None else 0)
-    if pooling == "cls" and cls_id is None:
-        raise ValueError(
-            "pooling='cls' needs a <cls> token, but the token dictionary has none (Geneformer "
-            "V1): use pooling='mean'."
-        )
-    n_special = int(cls_id is not None) + int(end_id is not None)
-    model_max = int(config.max_position_embeddings)
-    if max_length is None:
-        max_length = model_max
-    elif max_length > model_max:
-        raise ValueError(
-            f"max_length={max_length} exceeds the model's max_position_embeddings={model_max}: "
-            f"pass max_length<={model_max}."
-        )
-    n_hidden = int(config.num_hidden_layers) + 1
-    if not -n_hidden <= hidden_layer < n_hidden:
-        raise ValueError(
-            f"hidden_layer={hidden_layer} out of range for a model with {n_hidden} hidden states "
-            f"(embeddings + {n_hidden - 1} layers): use -1 (last) or -2 (second to last)."
-        )
-
-    pos, tokens, medians, id_type = _map_genes(
+    pos, gene_tokens, medians, id_type = _map_genes(
         adata, gene_id_key, token_dict, median_dict, name_id_dict
     )
     # Geneformer scales by the spot's total counts over all genes, not only vocabulary genes.
     n_counts = np.asarray(X.sum(axis=1)).ravel()
     # Sum counts of var rows that map to the same token (duplicated symbols), as the reference
     # tokenizer's collapse_gene_ids does, so each token appears at most once per spot.
-    uniq_tokens, inverse = np.unique(tokens, return_inverse=True)
+    uniq_tokens, inverse = np.unique(gene_tokens, return_inverse=True)
     collapse = sp.csr_matrix(
         (np.ones(len(pos)), (np.arange(len(pos)), inverse)), shape=(len(pos), len(uniq_tokens))
     )
@@ -744,9 +694,7 @@ def _embed_geneformer(
     orig_device = next(bert.parameters()).device
     bert.eval()
     bert.to(dev)
-
-    dim = int(config.hidden_size)
-    emb = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
+    emb = np.full((adata.n_obs, int(config.hidden_size)), np.nan, dtype=np.float32)
     n_empty = 0
     starts = range(0, adata.n_obs, batch_size)
     iterator = tqdm(starts, desc="geneformer", unit="batch", disable=not show_progress)
@@ -759,40 +707,13 @@ def _embed_geneformer(
                     n_counts[start:stop],
                     uniq_medians,
                     uniq_tokens,
-                    max_length - n_special,
+                    tokens.max_length - tokens.n_special,
                 )
                 rows = [i for i, s in enumerate(seqs) if s.size > 0]
                 n_empty += len(seqs) - len(rows)
-                if not rows:
-                    continue  # spots without any vocabulary gene keep NaN: no expression view
-                seqs = [seqs[i] for i in rows]
-                if cls_id is not None:
-                    seqs = [
-                        np.concatenate([[cls_id], s, [end_id] if end_id is not None else []])
-                        for s in seqs
-                    ]
-                lengths = np.array([len(s) for s in seqs])
-                ids = np.full((len(seqs), lengths.max()), pad_id, dtype=np.int64)
-                for j, s in enumerate(seqs):
-                    ids[j, : len(s)] = s
-                ids_t = torch.from_numpy(ids).to(dev)
-                mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
-                mask = mask.to(dev, dtype=torch.long)
-                out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
-                hidden = out.hidden_states[hidden_layer].float()
-                if pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    # Average over gene tokens only: skip <cls>, <eos> and padding.
-                    gene_mask = mask.clone()
-                    if cls_id is not None:
-                        gene_mask[:, 0] = 0
-                    if end_id is not None:
-                        last = torch.from_numpy(lengths - 1).to(dev)
-                        gene_mask[torch.arange(len(seqs), device=dev), last] = 0
-                    w = gene_mask.to(hidden.dtype).unsqueeze(-1)
-                    pooled = (hidden * w).sum(1) / w.sum(1)
-                emb[np.arange(start, stop)[rows]] = pooled.cpu().numpy()
+                if rows:  # spots without any vocabulary gene keep NaN: no expression view
+                    pooled = tokens.embed(bert, [seqs[i] for i in rows], dev)
+                    emb[np.arange(start, stop)[rows]] = pooled
     finally:
         bert.train(was_training)
         bert.to(orig_device)
@@ -805,7 +726,7 @@ def _embed_geneformer(
             stacklevel=3,
         )
     info = {
-        "model": model_name,
+        "model": "geneformer",
         "source": source,
         "architecture": type(bert).__name__,
         # The state-dict hash is the same whether the weights came from a folder, the hub or a
@@ -822,11 +743,100 @@ def _embed_geneformer(
         "gene_id_type": id_type,
         "gene_id_key": gene_id_key,
         "layer": layer,
-        "max_length": int(max_length),
+        "max_length": int(tokens.max_length),
         "pooling": pooling,
         "hidden_layer": int(hidden_layer),
         "n_spots_empty": int(n_empty),
         "seed": int(seed),
-        "dim": dim,
+        "dim": int(config.hidden_size),
     }
     _record(adata, key_added, emb, info)
+
+
+def _geneformer_model(loaded_model: Any | None, model_path) -> tuple[Any, Any, Any, str]:
+    """The BERT encoder, the folder of its weights file (None for a loaded model), the folder
+    where its dictionaries are looked for, and where it came from."""
+    if loaded_model is None:
+        bert, folder, source = _load_geneformer(model_path)
+        return bert, folder, folder, source
+    transformers = _import_transformers()
+    if not isinstance(loaded_model, transformers.PreTrainedModel) or not hasattr(
+        loaded_model.config, "max_position_embeddings"
+    ):
+        raise ValueError(
+            f"model of type {type(loaded_model).__name__} is not supported: pass "
+            f"{list(_SUPPORTED)} or a transformers BERT model with Geneformer's architecture."
+        )
+    # A BertForMaskedLM (or classifier) wraps the encoder we need as .bert.
+    bert = getattr(loaded_model, "bert", loaded_model)
+    name_or_path = getattr(loaded_model.config, "_name_or_path", "") or ""
+    if model_path is not None:
+        dict_root = Path(model_path).expanduser()
+    elif name_or_path and Path(name_or_path).is_dir():
+        dict_root = Path(name_or_path)
+    else:
+        dict_root = None
+    return bert, None, dict_root, str(model_path or name_or_path or "loaded object")
+
+
+class _Tokens:
+    """Geneformer's special tokens and sequence limits for one model and token dictionary, and
+    the pooled hidden states of a batch of rank-value encoded spots."""
+
+    def __init__(self, token_dict: dict, config: Any, pooling: str, max_length, hidden_layer):
+        self.cls_id = token_dict.get("<cls>")
+        # Geneformer V2 closes each sequence with <eos>; one intermediate release used <sep>.
+        self.end_id = (
+            token_dict.get("<eos>", token_dict.get("<sep>")) if self.cls_id is not None else None
+        )
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        self.pad_id = token_dict.get("<pad>", pad)
+        if pooling == "cls" and self.cls_id is None:
+            raise ValueError(
+                "pooling='cls' needs a <cls> token, but the token dictionary has none (Geneformer "
+                "V1): use pooling='mean'."
+            )
+        self.n_special = int(self.cls_id is not None) + int(self.end_id is not None)
+        model_max = int(config.max_position_embeddings)
+        if max_length is None:
+            max_length = model_max
+        elif max_length > model_max:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's max_position_embeddings={model_max}: "
+                f"pass max_length<={model_max}."
+            )
+        n_hidden = int(config.num_hidden_layers) + 1
+        if not -n_hidden <= hidden_layer < n_hidden:
+            raise ValueError(
+                f"hidden_layer={hidden_layer} out of range for a model with {n_hidden} hidden "
+                f"states (embeddings + {n_hidden - 1} layers): use -1 (last) or -2 (second to last)."
+            )
+        self.max_length, self.pooling, self.hidden_layer = max_length, pooling, hidden_layer
+
+    def embed(self, bert: Any, seqs: list[np.ndarray], dev: Any) -> np.ndarray:
+        """Pooled hidden states of the spots' token sequences (special tokens added)."""
+        import torch
+
+        if self.cls_id is not None:
+            end = [self.end_id] if self.end_id is not None else []
+            seqs = [np.concatenate([[self.cls_id], s, end]) for s in seqs]
+        lengths = np.array([len(s) for s in seqs])
+        ids = np.full((len(seqs), lengths.max()), self.pad_id, dtype=np.int64)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = s
+        ids_t = torch.from_numpy(ids).to(dev)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        mask = mask.to(dev, dtype=torch.long)
+        out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[self.hidden_layer].float()
+        if self.pooling == "cls":
+            return hidden[:, 0].cpu().numpy()
+        # Average over gene tokens only: skip <cls>, <eos> and padding.
+        gene_mask = mask.clone()
+        if self.cls_id is not None:
+            gene_mask[:, 0] = 0
+        if self.end_id is not None:
+            last = torch.from_numpy(lengths - 1).to(dev)
+            gene_mask[torch.arange(len(seqs), device=dev), last] = 0
+        w = gene_mask.to(hidden.dtype).unsqueeze(-1)
+        return ((hidden * w).sum(1) / w.sum(1)).cpu().numpy()
