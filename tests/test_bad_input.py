@@ -1,7 +1,8 @@
 """Bad input at every public entry point (issue 21): one table of cases, each a call that must
-fail early with an error naming the key and the fix (``pytest.raises(..., match=...)``), or warn
-and carry on where that is the documented behaviour; then property-based checks (hypothesis)
-of the validators over random shapes, NaN masks and sample sizes.
+fail early with an error naming the key and the fix (the key as written, and the fix's essential
+words in any order: ``tests/_messages.py``), or warn and carry on where that is the documented
+behaviour; then property-based checks (hypothesis) of the validators over random shapes, NaN
+masks and sample sizes.
 
 The data are the tiny study of ``tests/_tiny.py`` (fixtures ``tiny_adata``, ``tiny_trained`` in
 conftest.py), so the whole table runs in seconds.
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from _messages import raises_naming, warns_naming
 from _tiny import SETUP, TRAIN, tiny_model
 from anndata import AnnData
 from hypothesis import HealthCheck, given, settings
@@ -208,7 +210,9 @@ class Case:
     name: str
     call: object
     error: type[BaseException]
-    match: str
+    #: what the message must name: the key (as written in the message) and the fix's words
+    key: str
+    fix: tuple[str, ...]
 
     @property
     def id(self) -> str:
@@ -226,28 +230,32 @@ CASES = [
         "missing-key",
         lambda c: histovi.pp.spatial_neighbors(c.adata(), spatial_key="coords"),
         KeyError,
-        r"obsm\['coords'\] not found.*spatial_key=",
+        "obsm['coords']",
+        ("spatial_key=",),
     ),
     Case(
         "pp.spatial_neighbors",
         "misspelled-sample-key",
         lambda c: histovi.pp.spatial_neighbors(c.adata(), sample_key="slide"),
         KeyError,
-        r"obs\['slide'\] not found.*sample_key=",
+        "obs['slide']",
+        ("sample_key=",),
     ),
     Case(
         "pp.spatial_neighbors",
         "nan-coordinates",
         lambda c: histovi.pp.spatial_neighbors(edit(c.adata(), obsm__spatial=at(3, 0, NAN))),
         ValueError,
-        r"obsm\['spatial'\] has 1 spots with NaN/inf coordinates: remove",
+        "obsm['spatial']",
+        ("NaN/inf", "1 spots", "remove those spots"),
     ),
     Case(
         "pp.spatial_neighbors",
         "inf-coordinates",
         lambda c: histovi.pp.spatial_neighbors(edit(c.adata(), obsm__spatial=at(0, 1, INF))),
         ValueError,
-        r"NaN/inf coordinates",
+        "obsm['spatial']",
+        ("NaN/inf", "remove those spots"),
     ),
     Case(
         "pp.spatial_neighbors",
@@ -256,14 +264,16 @@ CASES = [
             edit(c.adata(), obsm__spatial=lambda x: np.ones_like(x))
         ),
         ValueError,
-        r"every spot of sample 'P1_S1' at the same position \(1, 1\).*missing or were overwritten",
+        "obsm['spatial']",
+        ("'P1_S1'", "same position", "spatial_key="),
     ),
     Case(
         "pp.spatial_neighbors",
         "one-coordinate-column",
         lambda c: histovi.pp.spatial_neighbors(edit(c.adata(), obsm__spatial=lambda x: x[:, :1])),
         ValueError,
-        r"has 1 column: spot centres need two",
+        "obsm['spatial']",
+        ("1 column", "(x, y)"),
     ),
     Case(
         "pp.spatial_neighbors",
@@ -272,49 +282,56 @@ CASES = [
             edit(c.adata(), obsm__spatial=lambda x: np.full(x.shape, "x", dtype=object))
         ),
         ValueError,
-        r"obsm\['spatial'\] must hold numbers",
+        "obsm['spatial']",
+        ("numbers", "spatial_key="),
     ),
     Case(
         "pp.spatial_neighbors",
         "sparse-coordinates",
         lambda c: histovi.pp.spatial_neighbors(edit(c.adata(), obsm__spatial=sp.csr_matrix)),
         ValueError,
-        r"sparse matrix: store it dense",
+        "obsm['spatial']",
+        ("sparse", ".toarray()"),
     ),
     Case(
         "pp.spatial_neighbors",
         "sample-smaller-than-k",
         lambda c: histovi.pp.spatial_neighbors(subset(c.adata(), slice(0, 67))),
         ValueError,
-        r"at most n_neighbors=6 spots.*'P2_S1': 3.*Remove them or lower n_neighbors",
+        "obs['sample']",
+        ("'P2_S1': 3", "n_neighbors=6", "remove them", "lower n_neighbors"),
     ),
     Case(
         "pp.spatial_neighbors",
         "too-few-spots-no-sample",
         lambda c: histovi.pp.spatial_neighbors(subset(c.adata(), slice(0, 4)), sample_key=None),
         ValueError,
-        r"4 spots is too few for n_neighbors=6",
+        "n_neighbors=6",
+        ("4 spots", "lower n_neighbors"),
     ),
     Case(
         "pp.spatial_neighbors",
         "k-zero",
         lambda c: histovi.pp.spatial_neighbors(c.adata(), n_neighbors=0),
         ValueError,
-        r"n_neighbors must be a positive integer, got 0",
+        "n_neighbors=0",
+        ("positive integer",),
     ),
     Case(
         "pp.spatial_neighbors",
         "k-float",
         lambda c: histovi.pp.spatial_neighbors(c.adata(), n_neighbors=2.5),
         ValueError,
-        r"positive integer, got 2\.5",
+        "n_neighbors=2.5",
+        ("positive integer",),
     ),
     Case(
         "pp.spatial_neighbors",
         "k-bool",
         lambda c: histovi.pp.spatial_neighbors(c.adata(), n_neighbors=True),
         ValueError,
-        r"positive integer, got True",
+        "n_neighbors=True",
+        ("positive integer",),
     ),
     Case(
         "pp.spatial_neighbors",
@@ -325,14 +342,16 @@ CASES = [
             )
         ),
         ValueError,
-        r"obs\['sample'\] has missing values: every spot needs a sample",
+        "obs['sample']",
+        ("missing values", "every spot needs a sample"),
     ),
     Case(
         "pp.spatial_neighbors",
         "not-anndata",
         lambda c: histovi.pp.spatial_neighbors(np.zeros((5, 2))),
         TypeError,
-        r"adata must be an AnnData, got ndarray",
+        "adata",
+        ("AnnData", "ndarray", "anndata.read_h5ad"),
     ),
     # -------------------------------------------------------------- pp.embed_morphology
     Case(
@@ -340,28 +359,32 @@ CASES = [
         "missing-spatial-key",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), spatial_key="xy", **FAST_TILES),
         KeyError,
-        r"obsm\['xy'\].*not found: add it or pass spatial_key=",
+        "obsm['xy']",
+        ("spatial_key=",),
     ),
     Case(
         "pp.embed_morphology",
         "misspelled-sample-key",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), sample_key="slide", **FAST_TILES),
         KeyError,
-        r"obs\['slide'\] not found.*pass sample_key=",
+        "obs['slide']",
+        ("sample_key=",),
     ),
     Case(
         "pp.embed_morphology",
         "negative-tile-size",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), tile_size_um=-1.0, progress=False),
         ValueError,
-        r"tile_size_um=-1\.0 must be a positive number",
+        "tile_size_um=-1.0",
+        ("positive number",),
     ),
     Case(
         "pp.embed_morphology",
         "zero-target-mpp",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), target_mpp=0.0, progress=False),
         ValueError,
-        r"target_mpp=0\.0 must be a positive number",
+        "target_mpp=0.0",
+        ("positive number",),
     ),
     Case(
         "pp.embed_morphology",
@@ -370,7 +393,8 @@ CASES = [
             images(c.adata()), min_tissue_fraction=2.0, **FAST_TILES
         ),
         ValueError,
-        r"min_tissue_fraction=2\.0 must lie in \[0, 1\]",
+        "min_tissue_fraction=2.0",
+        ("[0, 1]",),
     ),
     Case(
         "pp.embed_morphology",
@@ -379,28 +403,32 @@ CASES = [
             images(c.adata()), stain_normalization="vahadane", **FAST_TILES
         ),
         ValueError,
-        r"stain_normalization='vahadane' is not supported: use None, 'macenko' or 'reinhard'",
+        "stain_normalization='vahadane'",
+        ("None", "'macenko'", "'reinhard'"),
     ),
     Case(
         "pp.embed_morphology",
         "zero-components",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), n_components=0, **FAST_TILES),
         ValueError,
-        r"n_components=0 must be a positive integer or None",
+        "n_components=0",
+        ("positive integer", "None"),
     ),
     Case(
         "pp.embed_morphology",
         "zero-batch-size",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), batch_size=0, **FAST_TILES),
         ValueError,
-        r"batch_size=0 must be >= 1",
+        "batch_size=0",
+        ("positive integer",),
     ),
     Case(
         "pp.embed_morphology",
         "no-images",
         lambda c: histovi.pp.embed_morphology(edit(c.adata(), uns__spatial={}), **FAST_TILES),
         ValueError,
-        r"no section has a usable image: add uns\['spatial'\]\[lib\]\['images'\].*no uns\['spatial'\] entry",
+        "uns['spatial']",
+        ("no section has a usable image", "['images']", "'image_file'", "image_dir="),
     ),
     Case(
         "pp.embed_morphology",
@@ -409,7 +437,8 @@ CASES = [
             image_files(c.adata(), c.tmp, {0: "garbage", 1: "garbage"}), **FAST_TILES
         ),
         ValueError,
-        r"no section has a usable image.*P1_S1\.png' cannot be read .*corrupted, cut short or not an image",
+        "P1_S1.png'",
+        ("no section has a usable image", "cannot be read", "corrupted"),
     ),
     Case(
         "pp.embed_morphology",
@@ -425,21 +454,24 @@ CASES = [
             **FAST_TILES,
         ),
         ValueError,
-        r"image array has shape \(9, 9, 5\); expected \(height, width, 3\)",
+        "(9, 9, 5)",
+        ("(height, width, 3)", "RGB"),
     ),
     Case(
         "pp.embed_morphology",
         "not-anndata",
         lambda c: histovi.pp.embed_morphology(np.zeros(3), **FAST_TILES),
         ValueError,
-        r"data must be an AnnData or a SpatialData object; got ndarray",
+        "data",
+        ("AnnData", "SpatialData", "ndarray"),
     ),
     Case(
         "pp.embed_morphology",
         "reference-without-record",
         lambda c: histovi.pp.embed_morphology(images(c.adata()), reference=c.adata(), **FAST_TILES),
         ValueError,
-        r"reference has no uns\['histovi'\]\['morphology'\] record: run histovi\.pp\.embed_morphology on the reference first",
+        "uns['histovi']['morphology']",
+        ("histovi.pp.embed_morphology", "on the reference first"),
     ),
     # -------------------------------------------------------------- pp.embed_expression
     Case(
@@ -447,14 +479,16 @@ CASES = [
         "unknown-model",
         lambda c: histovi.pp.embed_expression(c.adata(), "uce"),
         ValueError,
-        r"model='uce' is not supported: pass one of \['geneformer', 'scgpt', 'pca'\]",
+        "model='uce'",
+        ("'geneformer'", "'scgpt'", "'pca'"),
     ),
     Case(
         "pp.embed_expression",
         "missing-layer",
         lambda c: histovi.pp.embed_expression(c.adata(), "pca", layer="raw"),
         KeyError,
-        r"layer='raw' not found in adata\.layers.*layer=None for adata\.X",
+        "layers['raw']",
+        ("layer=", "layer=None"),
     ),
     Case(
         "pp.embed_expression",
@@ -463,7 +497,8 @@ CASES = [
             edit(c.adata(), layers__counts=dense(at(0, 0, NAN))), "pca", layer="counts"
         ),
         ValueError,
-        r"adata\.layers\['counts'\] contains NaN or inf values\. Raw counts are needed",
+        "layers['counts']",
+        ("NaN or inf", "raw", "layer="),
     ),
     Case(
         "pp.embed_expression",
@@ -472,7 +507,8 @@ CASES = [
             edit(c.adata(), layers__counts=dense(at(0, 0, -1))), "pca", layer="counts"
         ),
         ValueError,
-        r"contains negative values, so it is not counts",
+        "layers['counts']",
+        ("negative values", "raw counts", "layer="),
     ),
     Case(
         "pp.embed_expression",
@@ -481,14 +517,16 @@ CASES = [
             edit(c.adata(), layers__counts=dense(lambda X: np.log1p(X))), "pca", layer="counts"
         ),
         ValueError,
-        r"non-integer values \(normalised or log data\?\)",
+        "layers['counts']",
+        ("non-integer", "raw counts", "layer="),
     ),
     Case(
         "pp.embed_expression",
         "empty",
         lambda c: histovi.pp.embed_expression(c.adata()[:0].copy(), "pca"),
         ValueError,
-        r"adata is empty \(0 spots x 30 genes\)",
+        "adata",
+        ("no spots", "non-empty"),
     ),
     Case(
         "pp.embed_expression",
@@ -497,28 +535,32 @@ CASES = [
             edit(c.adata(), layers__counts=lambda X: sp.csr_matrix(X.shape)), "pca", layer="counts"
         ),
         ValueError,
-        r"PCA needs at least 2 spots with counts",
+        "PCA",
+        ("at least 2 spots with counts",),
     ),
     Case(
         "pp.embed_expression",
         "zero-components",
         lambda c: histovi.pp.embed_expression(c.adata(), "pca", layer="counts", n_comps=0),
         ValueError,
-        r"n_comps=0 must be a positive integer",
+        "n_comps=0",
+        ("positive integer",),
     ),
     Case(
         "pp.embed_expression",
         "scgpt-in-process",
         lambda c: histovi.pp.embed_expression(c.adata(), "scgpt"),
         ImportError,
-        r"precomputed-embedding route",
+        "model='scgpt'",
+        ("precomputed-embedding route", "embedding_keys="),
     ),
     Case(
         "pp.embed_expression",
         "zero-batch-size",
         lambda c: histovi.pp.embed_expression(c.adata(), "pca", batch_size=0),
         ValueError,
-        r"batch_size=0 must be a positive integer",
+        "batch_size=0",
+        ("positive integer",),
     ),
     # -------------------------------------------------------------- io.read_folder
     Case(
@@ -526,7 +568,8 @@ CASES = [
         "not-a-folder",
         lambda c: histovi.io.read_folder(c.tmp / "nowhere"),
         ValueError,
-        r"is not a folder: pass the data directory",
+        "nowhere'",
+        ("not a folder", "data directory"),
     ),
     Case(
         "io.read_folder",
@@ -537,21 +580,24 @@ CASES = [
             histovi.io.read_folder(c.tmp),
         ),
         ValueError,
-        r"holds 2 \.h5ad files.*name the one to read with h5ad=",
+        "['a.h5ad', 'b.h5ad']",
+        ("h5ad=",),
     ),
     Case(
         "io.read_folder",
         "misspelled-h5ad",
         lambda c: histovi.io.read_folder(c.tmp, h5ad="study.h5ad"),
         ValueError,
-        r"study\.h5ad' does not exist: check h5ad=",
+        "study.h5ad'",
+        ("does not exist", "h5ad="),
     ),
     Case(
         "io.read_folder",
         "corrupt-h5ad",
         lambda c: ((c.tmp / "x.h5ad").write_bytes(b"not hdf5"), histovi.io.read_folder(c.tmp)),
         ValueError,
-        r"x\.h5ad' cannot be read as an AnnData \(OSError.*corrupted, cut short or not an \.h5ad",
+        "x.h5ad'",
+        ("cannot be read", "corrupted"),
     ),
     # -------------------------------------------------------------- io.from_spatialdata / to_spatialdata
     Case(
@@ -559,14 +605,16 @@ CASES = [
         "no-table",
         lambda c: histovi.io.from_spatialdata(sdata(c, lambda t, sd: sd.tables.pop("table"))),
         KeyError,
-        r"SpatialData has no table 'table' \(tables: \[\]\): pass table_key=",
+        "table 'table'",
+        ("table_key=",),
     ),
     Case(
         "io.from_spatialdata",
         "misspelled-table-key",
         lambda c: histovi.io.from_spatialdata(sdata(c), table_key="spots"),
         KeyError,
-        r"no table 'spots' \(tables: \['table'\]\)",
+        "table 'spots'",
+        ("['table']", "table_key="),
     ),
     Case(
         "io.from_spatialdata",
@@ -575,14 +623,16 @@ CASES = [
             sdata(c, lambda t, sd: t.uns.pop("spatialdata_attrs"))
         ),
         ValueError,
-        r"does not annotate any element.*TableModel\.parse",
+        "table 'table'",
+        ("does not annotate", "TableModel.parse"),
     ),
     Case(
         "io.from_spatialdata",
         "rows-of-unknown-region",
         lambda c: histovi.io.from_spatialdata(sdata(c, unknown_region)),
         ValueError,
-        r"3 rows of table 'table' have obs\['region'\] values \['nowhere'\] that are not among the regions",
+        "obs['region']",
+        ("['nowhere']", "3 rows", "fix obs['region']", "region="),
     ),
     Case(
         "io.from_spatialdata",
@@ -591,7 +641,8 @@ CASES = [
             sdata(c, lambda t, sd: t.uns["spatialdata_attrs"].update(region_key="regio"))
         ),
         KeyError,
-        r"names obs\['regio'\] as its region_key.*has no such column",
+        "obs['regio']",
+        ("region_key", "no such column", "TableModel.parse"),
     ),
     Case(
         "io.from_spatialdata",
@@ -605,7 +656,8 @@ CASES = [
             )
         ),
         KeyError,
-        r"annotates 'ghost_spots', which is not a shapes or points element",
+        "'ghost_spots'",
+        ("not a shapes or points element",),
     ),
     Case(
         "io.from_spatialdata",
@@ -614,35 +666,40 @@ CASES = [
             sdata(c, lambda t, sd: t.obs.__setitem__("spot_id", t.obs["spot_id"] + 10_000))
         ),
         KeyError,
-        r"64 table rows of region 'P1_S1_spots' name instances.*does not have",
+        "obs['spot_id']",
+        ("'P1_S1_spots'", "64 table rows", "fix obs['spot_id']"),
     ),
     Case(
         "io.from_spatialdata",
         "misspelled-image-key",
         lambda c: histovi.io.from_spatialdata(sdata(c), image_key="he"),
         KeyError,
-        r"image_key 'he' is not an image of the SpatialData object",
+        "image_key 'he'",
+        ("not an image", "'P1_S1_hires'"),
     ),
     Case(
         "io.from_spatialdata",
         "anndata-instead",
         lambda c: histovi.io.from_spatialdata(c.adata()),
         TypeError,
-        r"expected a SpatialData object, got AnnData",
+        "SpatialData",
+        ("got AnnData", "spatialdata.read_zarr"),
     ),
     Case(
         "io.to_spatialdata",
         "misspelled-sample-key",
         lambda c: histovi.io.to_spatialdata(images(c.adata()), sample_key="slide"),
         KeyError,
-        r"obs\['slide'\] not found: pass sample_key=",
+        "obs['slide']",
+        ("sample_key=",),
     ),
     Case(
         "io.to_spatialdata",
         "missing-spatial-key",
         lambda c: histovi.io.to_spatialdata(images(c.adata()), spatial_key="xy"),
         KeyError,
-        r"obsm\['xy'\].*not found",
+        "obsm['xy']",
+        ("spatial_key=",),
     ),
     # -------------------------------------------------------------- HistoVI.setup_anndata
     Case(
@@ -650,91 +707,104 @@ CASES = [
         "not-anndata",
         lambda c: HistoVI.setup_anndata(np.zeros((3, 3))),
         TypeError,
-        r"setup_anndata needs an AnnData, got ndarray",
+        "setup_anndata",
+        ("AnnData", "ndarray", "setup_mudata", "from_spatialdata"),
     ),
     Case(
         "setup_anndata",
         "misspelled-layer",
         lambda c: setup(c.adata(), layer="raw"),
         KeyError,
-        r"adata\.layers\['raw'\] not found.*Pass the layer that holds raw counts",
+        "layers['raw']",
+        ("layer=", "layer=None"),
     ),
     Case(
         "setup_anndata",
         "misspelled-batch-key",
         lambda c: setup(c.adata(), batch_key="slide"),
         KeyError,
-        r"obs\['slide'\] not found\. Pass batch_key=",
+        "obs['slide']",
+        ("batch_key=",),
     ),
     Case(
         "setup_anndata",
         "missing-labels-key",
         lambda c: setup(c.adata(), labels_key="celltype"),
         KeyError,
-        r"obs\['celltype'\] not found\. Pass labels_key=",
+        "obs['celltype']",
+        ("labels_key=",),
     ),
     Case(
         "setup_anndata",
         "misspelled-morphology-key",
         lambda c: setup(c.adata(), morphology_key="X_uni"),
         KeyError,
-        r"obsm\['X_uni'\] not found\. Compute it with histovi\.pp\.embed_morphology",
+        "obsm['X_uni']",
+        ("histovi.pp.embed_morphology", "morphology_key=None"),
     ),
     Case(
         "setup_anndata",
         "misspelled-neighbors-key",
         lambda c: setup(c.adata(), neighbors_key="knn"),
         KeyError,
-        r"obsm\['knn'\] not found\. Compute it with histovi\.pp\.spatial_neighbors",
+        "obsm['knn']",
+        ("histovi.pp.spatial_neighbors", "neighbors_key=None"),
     ),
     Case(
         "setup_anndata",
         "missing-embedding-key",
         lambda c: setup(c.adata(), embedding_keys={"fm": "X_fm"}),
         KeyError,
-        r"obsm\['X_fm'\] not found\. Compute the 'fm' embedding first",
+        "obsm['X_fm']",
+        ("'fm' embedding", "embedding_keys"),
     ),
     Case(
         "setup_anndata",
         "embedding-keys-not-a-dict",
         lambda c: setup(c.adata(), embedding_keys=["X_fm"]),
         TypeError,
-        r"embedding_keys=\['X_fm'\]: pass a mapping view name -> obsm key",
+        "embedding_keys=['X_fm']",
+        ("mapping view name -> obsm key",),
     ),
     Case(
         "setup_anndata",
         "embedding-named-morphology",
         lambda c: setup(c.adata(), embedding_keys={"morphology": M}),
         ValueError,
-        r"may not use the name 'morphology': pass the morphology embedding as morphology_key=",
+        "'morphology'",
+        ("embedding_keys", "morphology_key="),
     ),
     Case(
         "setup_anndata",
         "negative-counts",
         lambda c: setup(edit(c.adata(), layers__counts=dense(at(2, 2, -3)))),
         ValueError,
-        r"layers\['counts'\] contains negative values: pass raw counts",
+        "layers['counts']",
+        ("negative values", "raw counts", "layer="),
     ),
     Case(
         "setup_anndata",
         "non-integer-counts",
         lambda c: setup(edit(c.adata(), layers__counts=dense(lambda X: X * 0.5 + 0.25))),
         ValueError,
-        r"non-integer values: HistoVI models raw UMI counts",
+        "layers['counts']",
+        ("non-integer", "raw counts", "layer="),
     ),
     Case(
         "setup_anndata",
         "nan-counts",
         lambda c: setup(edit(c.adata(), layers__counts=dense(at(0, 0, NAN)))),
         ValueError,
-        r"contains NaN or inf: counts must be finite",
+        "layers['counts']",
+        ("NaN or inf", "raw", "layer="),
     ),
     Case(
         "setup_anndata",
         "inf-counts",
         lambda c: setup(edit(c.adata(), layers__counts=dense(at(5, 1, INF)))),
         ValueError,
-        r"contains NaN or inf",
+        "layers['counts']",
+        ("NaN or inf", "raw", "layer="),
     ),
     Case(
         "setup_anndata",
@@ -743,28 +813,32 @@ CASES = [
             edit(c.adata(), layers__counts=lambda X: sp.csr_matrix(at(127, 29, NAN)(X.toarray())))
         ),
         ValueError,
-        r"contains NaN or inf",
+        "layers['counts']",
+        ("NaN or inf", "raw", "layer="),
     ),
     Case(
         "setup_anndata",
         "text-counts",
         lambda c: setup(edit(c.adata(), layers__counts=lambda X: X.toarray().astype(str))),
         ValueError,
-        r"has dtype <U\d+, not numbers: store the raw counts as integers or floats",
+        "layers['counts']",
+        ("not numbers", "astype("),
     ),
     Case(
         "setup_anndata",
         "no-genes",
         lambda c: setup(c.adata()[:, :0].copy()),
         ValueError,
-        r"has no genes \(shape \(128, 0\)\)",
+        "layers['counts']",
+        ("no genes", "raw counts"),
     ),
     Case(
         "setup_anndata",
         "no-spots",
         lambda c: setup(c.adata()[:0].copy()),
         ValueError,
-        r"The AnnData has no spots",
+        "AnnData",
+        ("no spots",),
     ),
     Case(
         "setup_anndata",
@@ -775,42 +849,48 @@ CASES = [
             )
         ),
         ValueError,
-        r"obs\['sample'\] has missing values: every spot needs a sample",
+        "obs['sample']",
+        ("missing values", "every spot needs a sample"),
     ),
     Case(
         "setup_anndata",
         "morphology-inf",
         lambda c: setup(edit(c.adata(), obsm__X_morphology=at(0, 0, INF))),
         ValueError,
-        r"obsm\['X_morphology'\] contains inf values: recompute the embedding, or set the rows .* to NaN",
+        "obsm['X_morphology']",
+        ("inf", "recompute the embedding", "NaN"),
     ),
     Case(
         "setup_anndata",
         "morphology-partly-nan-row",
         lambda c: setup(edit(c.adata(), obsm__X_morphology=at(0, 0, NAN))),
         ValueError,
-        r"has 1 rows with some but not all values NaN",
+        "obsm['X_morphology']",
+        ("1 rows", "complete or entirely NaN"),
     ),
     Case(
         "setup_anndata",
         "morphology-all-nan",
         lambda c: setup(edit(c.adata(), obsm__X_morphology=lambda x: np.full_like(x, np.nan))),
         ValueError,
-        r"is NaN for every spot: no spot has this view",
+        "obsm['X_morphology']",
+        ("NaN for every spot", "histovi.pp.embed_morphology", "morphology_key=None"),
     ),
     Case(
         "setup_anndata",
         "morphology-sparse",
         lambda c: setup(edit(c.adata(), obsm__X_morphology=sp.csr_matrix)),
         ValueError,
-        r"obsm\['X_morphology'\] is a sparse matrix: store it dense",
+        "obsm['X_morphology']",
+        ("sparse", ".toarray()"),
     ),
     Case(
         "setup_anndata",
         "morphology-zero-width",
         lambda c: setup(edit(c.adata(), obsm__X_morphology=lambda x: x[:, :0])),
         ValueError,
-        r"obsm\['X_morphology'\] has no columns",
+        "obsm['X_morphology']",
+        ("no columns", "histovi.pp.embed_morphology"),
     ),
     Case(
         "setup_anndata",
@@ -819,35 +899,40 @@ CASES = [
             edit(c.adata(), obsm__X_morphology=lambda x: np.full(x.shape, "tile", dtype=object))
         ),
         ValueError,
-        r"obsm\['X_morphology'\] must hold numbers",
+        "obsm['X_morphology']",
+        ("numbers", "histovi.pp.embed_morphology"),
     ),
     Case(
         "setup_anndata",
         "neighbours-out-of-range",
         lambda c: setup(edit(c.adata(), obsm__spatial_neighbors=at(0, 0, 999))),
         ValueError,
-        r"neighbour indices outside \[0, 128\).*another AnnData",
+        "obsm['spatial_neighbors']",
+        ("[0, 128)", "another AnnData", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
         "neighbours-negative",
         lambda c: setup(edit(c.adata(), obsm__spatial_neighbors=at(0, 0, -1))),
         ValueError,
-        r"neighbour indices outside \[0, 128\)",
+        "obsm['spatial_neighbors']",
+        ("[0, 128)", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
         "neighbours-cross-samples",
         lambda c: setup(edit(c.adata(), obsm__spatial_neighbors=at(0, 0, 127))),
         ValueError,
-        r"links 1 spots to neighbours in another sample \('sample'\)",
+        "obsm['spatial_neighbors']",
+        ("another sample", "'sample'", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
         "neighbours-not-integer",
         lambda c: setup(edit(c.adata(), obsm__spatial_neighbors=lambda n: n + 0.5)),
         ValueError,
-        r"must hold integer row indices\. Compute it with histovi\.pp\.spatial_neighbors",
+        "obsm['spatial_neighbors']",
+        ("integer row indices", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
@@ -856,21 +941,24 @@ CASES = [
             edit(c.adata(), obsm__spatial_neighbors=lambda n: at(0, 0, NAN)(n.astype(float)))
         ),
         ValueError,
-        r"must hold integer row indices",
+        "obsm['spatial_neighbors']",
+        ("integer row indices", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
         "neighbours-after-subset",
         lambda c: setup(subset(c.adata(), slice(64, 128))),
         ValueError,
-        r"outside \[0, 64\)|different set or order of spots",
+        "obsm['spatial_neighbors']",
+        ("[0, 64)", "subset", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
         "neighbours-after-reorder",
         lambda c: setup(subset(c.adata(), np.r_[1, 0, 2:128])),
         ValueError,
-        r"computed on a different set or order of spots",
+        "obsm['spatial_neighbors']",
+        ("different set or order of spots", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_anndata",
@@ -883,28 +971,32 @@ CASES = [
             categorical_covariate_keys=["patient"],
         ),
         ValueError,
-        r"obs\['patient'\] has 2 missing values: every spot needs a value of each categorical covariate",
+        "obs['patient']",
+        ("2 missing values", "categorical covariate", "fill them"),
     ),
     Case(
         "setup_anndata",
         "covariate-keys-as-string",
         lambda c: setup(c.adata(), categorical_covariate_keys="patient"),
         TypeError,
-        r"categorical_covariate_keys='patient': pass a list of obs columns, e\.g\. categorical_covariate_keys=\['patient'\]",
+        "categorical_covariate_keys='patient'",
+        ("list", "categorical_covariate_keys=['patient']"),
     ),
     Case(
         "setup_anndata",
         "continuous-covariate-nan",
         lambda c: setup(edit(c.adata(), obs__depth=np.nan), continuous_covariate_keys=["depth"]),
         ValueError,
-        r"obs\['depth'\] must be finite numbers \(continuous covariate\)",
+        "obs['depth']",
+        ("finite numbers", "continuous covariate"),
     ),
     Case(
         "setup_anndata",
         "missing-covariate",
         lambda c: setup(c.adata(), continuous_covariate_keys=["depth"]),
         KeyError,
-        r"obs\['depth'\] not found\. Remove it from the covariate keys or add the column",
+        "obs['depth']",
+        ("remove it", "covariate keys", "add the column"),
     ),
     # -------------------------------------------------------------- HistoVI.setup_mudata
     Case(
@@ -912,28 +1004,32 @@ CASES = [
         "not-mudata",
         lambda c: HistoVI.setup_mudata(c.adata()),
         TypeError,
-        r"setup_mudata needs a MuData, got AnnData",
+        "setup_mudata",
+        ("MuData", "got AnnData"),
     ),
     Case(
         "setup_mudata",
         "no-expression-modality",
         lambda c: setup_mudata(mudata(c.adata()), modalities={"morphology": "morph"}),
         ValueError,
-        r"modalities must name the expression modality, e\.g\. modalities=\{'rna_layer': 'rna'\}",
+        "modalities",
+        ("expression modality", "{'rna_layer': 'rna'}"),
     ),
     Case(
         "setup_mudata",
         "unknown-modality",
         lambda c: setup_mudata(mudata(c.adata()), modalities={**MUDATA_MODS, "morphology": "he"}),
         KeyError,
-        r"modalities\['morphology_layer'\] = 'he' is not a modality of the MuData",
+        "modalities['morphology_layer']",
+        ("'he'", "['rna', 'morph']"),
     ),
     Case(
         "setup_mudata",
         "misspelled-batch-key",
         lambda c: setup_mudata(mudata(c.adata()), batch_key="slide"),
         KeyError,
-        r"obs\['slide'\] not found\. It is looked up in modality 'rna'",
+        "obs['slide']",
+        ("modality 'rna'", "batch_key=", "modalities="),
     ),
     Case(
         "setup_mudata",
@@ -951,35 +1047,40 @@ CASES = [
             modalities={"rna_layer": "rna", "morphology": "morph"},
         ),
         ValueError,
-        r"Modality 'morph' must have one row per spot of the MuData.*NaN rows instead of dropping them",
+        "'morph'",
+        ("one row per spot", "NaN rows"),
     ),
     Case(
         "setup_mudata",
         "morphology-inf",
         lambda c: setup_mudata(mudata(c.adata(), at(0, 0, INF)(c.adata().obsm[M]))),
         ValueError,
-        r"contains inf values",
+        "obsm['morph']",
+        ("inf", "recompute the embedding", "NaN"),
     ),
     Case(
         "setup_mudata",
         "neighbours-out-of-range",
         lambda c: setup_mudata(mudata(edit(c.adata(), obsm__spatial_neighbors=at(0, 0, 10**6)))),
         ValueError,
-        r"neighbour indices outside \[0, 128\)",
+        "obsm['spatial_neighbors']",
+        ("[0, 128)", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "setup_mudata",
         "misspelled-neighbors-key",
         lambda c: setup_mudata(mudata(c.adata()), neighbors_key="knn"),
         KeyError,
-        r"obsm\['knn'\] not found\. Compute it with histovi\.pp\.spatial_neighbors",
+        "obsm['knn']",
+        ("histovi.pp.spatial_neighbors", "neighbors_key=None"),
     ),
     Case(
         "setup_mudata",
         "negative-counts",
         lambda c: setup_mudata(mudata(edit(c.adata(), layers__counts=dense(at(0, 0, -1))))),
         ValueError,
-        r"contains negative values",
+        "layers['counts']",
+        ("negative values", "raw counts"),
     ),
     # -------------------------------------------------------------- HistoVI(...)
     Case(
@@ -987,42 +1088,48 @@ CASES = [
         "unregistered",
         lambda c: HistoVI(c.adata()),
         ValueError,
-        r"set up your AnnData with HistoVI\.setup_anndata first",
+        "AnnData",
+        ("HistoVI.setup_anndata",),
     ),
     Case(
         "HistoVI",
         "negative-weight",
         lambda c: tiny_model(c.adata(), niche_weight=-1.0),
         ValueError,
-        r"niche_weight=-1\.0: pass a finite weight >= 0",
+        "niche_weight=-1.0",
+        ("finite weight >= 0",),
     ),
     Case(
         "HistoVI",
         "nan-weight",
         lambda c: tiny_model(c.adata(), niche_weight=float("nan")),
         ValueError,
-        r"niche_weight=nan: pass a finite weight >= 0",
+        "niche_weight=nan",
+        ("finite weight >= 0",),
     ),
     Case(
         "HistoVI",
         "view-dropout-above-1",
         lambda c: tiny_model(c.adata(), view_dropout=2.0),
         ValueError,
-        r"view_dropout=2\.0: pass a share in \[0, 1\]",
+        "view_dropout=2.0",
+        ("[0, 1]",),
     ),
     Case(
         "HistoVI",
         "unknown-standardization",
         lambda c: tiny_model(c.adata(), view_standardization="batch"),
         ValueError,
-        r"view_standardization='batch': pass 'sample'",
+        "view_standardization='batch'",
+        ("'sample'", "'global'"),
     ),
     Case(
         "HistoVI",
         "normalize-input-not-bool",
         lambda c: tiny_model(c.adata(), normalize_input="yes"),
         ValueError,
-        r"normalize_input='yes': pass True \(depth-normalised encoder input",
+        "normalize_input='yes'",
+        ("True", "False"),
     ),
     # -------------------------------------------------------------- train
     Case(
@@ -1030,21 +1137,24 @@ CASES = [
         "zero-epochs",
         lambda c: tiny_model(c.adata()).train(max_epochs=0),
         ValueError,
-        r"max_epochs=0: pass a positive whole number of epochs, or None",
+        "max_epochs=0",
+        ("positive whole number", "None"),
     ),
     Case(
         "train",
         "fractional-epochs",
         lambda c: tiny_model(c.adata()).train(max_epochs=2.5),
         ValueError,
-        r"max_epochs=2\.5: pass a positive whole number",
+        "max_epochs=2.5",
+        ("positive whole number",),
     ),
     Case(
         "train",
         "zero-batch-size",
         lambda c: tiny_model(c.adata()).train(max_epochs=1, batch_size=0),
         ValueError,
-        r"batch_size=0: pass a positive whole number of spots",
+        "batch_size=0",
+        ("positive whole number",),
     ),
     Case(
         "train",
@@ -1054,14 +1164,16 @@ CASES = [
             tiny_model(c.adata()).train(max_epochs=1, checkpoint_dir=c.tmp / "f"),
         ),
         ValueError,
-        r"checkpoint_dir=.*is a file: pass a folder",
+        "checkpoint_dir=",
+        ("is a file", "pass a folder"),
     ),
     Case(
         "train",
         "train-size-above-1",
         lambda c: tiny_model(c.adata()).train(max_epochs=1, train_size=1.5, **TRAIN),
         ValueError,
-        r"Invalid train_size\. Must be: 0 < train_size <= 1",
+        "train_size",
+        ("0 < train_size <= 1",),
     ),
     Case(
         "train",
@@ -1072,7 +1184,8 @@ CASES = [
             m.train(max_epochs=1, **TRAIN),
         ),
         ValueError,
-        r"neighbour indices outside \[0, 128\)",
+        "obsm['spatial_neighbors']",
+        ("[0, 128)", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "train",
@@ -1083,7 +1196,8 @@ CASES = [
             m.train(max_epochs=1, **TRAIN),
         ),
         ValueError,
-        r"layers\['counts'\] contains NaN or inf",
+        "layers['counts']",
+        ("NaN or inf", "raw"),
     ),
     Case(
         "train",
@@ -1096,7 +1210,12 @@ CASES = [
             c.model,
         ).train(max_epochs=1, **TRAIN),
         ValueError,
-        r"nothing to train: all its samples and covariate values are the reference's.*get_latent_representation\(query\)",
+        "query",
+        (
+            "nothing to train",
+            "reference_model.get_latent_representation(query)",
+            "own sample names",
+        ),
     ),
     # -------------------------------------------------------------- get_latent_representation
     Case(
@@ -1104,42 +1223,48 @@ CASES = [
         "indices-out-of-range",
         lambda c: c.model.get_latent_representation(indices=[0, 1000]),
         ValueError,
-        r"indices holds row numbers outside \[0, 128\) \(min 0, max 1000\)",
+        "indices",
+        ("[0, 128)", "max 1000", "get_indexer"),
     ),
     Case(
         "get_latent_representation",
         "indices-not-integer",
         lambda c: c.model.get_latent_representation(indices=[0.5, 2.0]),
         ValueError,
-        r"indices must be whole row numbers, got dtype float64",
+        "indices",
+        ("whole row numbers", "float64"),
     ),
     Case(
         "get_latent_representation",
         "indices-empty",
         lambda c: c.model.get_latent_representation(indices=[]),
         ValueError,
-        r"indices is empty",
+        "indices",
+        ("empty", "at least one row number"),
     ),
     Case(
         "get_latent_representation",
         "mask-wrong-length",
         lambda c: c.model.get_latent_representation(indices=np.ones(5, bool)),
         ValueError,
-        r"boolean mask of length 5, the AnnData has 128 spots",
+        "indices",
+        ("boolean mask of length 5", "128 spots", "one value per spot"),
     ),
     Case(
         "get_latent_representation",
         "fewer-genes",
         lambda c: c.model.get_latent_representation(c.model.adata[:, 2:].copy()),
         ValueError,
-        r"2 of the model's 30 genes are missing \(gene_0, gene_1\).*prepare_query_anndata",
+        "gene_0, gene_1",
+        ("2 of the model's 30 genes are missing", "HistoVI.prepare_query_anndata"),
     ),
     Case(
         "get_latent_representation",
         "genes-reordered",
         lambda c: c.model.get_latent_representation(c.model.adata[:, ::-1].copy()),
         ValueError,
-        r"adata holds the model's genes in another order\. Map it as a query",
+        "adata",
+        ("genes in another order", "HistoVI.prepare_query_anndata"),
     ),
     Case(
         "get_latent_representation",
@@ -1148,7 +1273,8 @@ CASES = [
             edit(c.model.adata.copy(), obsm__X_morphology=None)
         ),
         KeyError,
-        r"obsm\['X_morphology'\] \(the model's 'morphology' view\) not found\. Map it as a query",
+        "obsm['X_morphology']",
+        ("'morphology' view", "HistoVI.prepare_query_anndata"),
     ),
     Case(
         "get_latent_representation",
@@ -1157,7 +1283,8 @@ CASES = [
             edit(c.model.adata.copy(), obsm__spatial_neighbors=None)
         ),
         KeyError,
-        r"obsm\['spatial_neighbors'\] \(the model's spatial neighbours\) not found: compute it with histovi\.pp\.spatial_neighbors\(adata, n_neighbors=4",
+        "obsm['spatial_neighbors']",
+        ("histovi.pp.spatial_neighbors(adata, n_neighbors=4", "HistoVI.prepare_query_anndata"),
     ),
     Case(
         "get_latent_representation",
@@ -1166,7 +1293,8 @@ CASES = [
             edit(c.model.adata.copy(), obsm__spatial_neighbors=at(0, 0, 10**6))
         ),
         ValueError,
-        r"neighbour indices outside \[0, 128\)",
+        "obsm['spatial_neighbors']",
+        ("[0, 128)", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "get_latent_representation",
@@ -1175,7 +1303,8 @@ CASES = [
             edit(c.model.adata.copy(), obsm__X_morphology=lambda x: x[:, :2])
         ),
         ValueError,
-        r"obsm\['X_morphology'\] has 2 columns but the model's 'morphology' view has 4",
+        "obsm['X_morphology']",
+        ("2 columns", "4", "reference="),
     ),
     Case(
         "get_latent_representation",
@@ -1184,7 +1313,8 @@ CASES = [
             edit(c.model.adata.copy(), obsm__X_morphology=at(0, 0, INF))
         ),
         ValueError,
-        r"contains inf values",
+        "obsm['X_morphology']",
+        ("inf", "recompute the embedding"),
     ),
     Case(
         "get_latent_representation",
@@ -1193,21 +1323,24 @@ CASES = [
             edit(c.model.adata.copy(), layers__counts=dense(at(0, 0, NAN)))
         ),
         ValueError,
-        r"contains NaN or inf",
+        "layers['counts']",
+        ("NaN or inf", "raw"),
     ),
     Case(
         "get_latent_representation",
         "unknown-sample",
         lambda c: c.model.get_latent_representation(query(c)),
         ValueError,
-        r"P1_S1_q|categor",
+        "P1_S1_q",
+        ("extend_categories",),
     ),
     Case(
         "get_latent_representation",
         "untrained",
         lambda c: tiny_model(c.adata()).get_latent_representation(),
         RuntimeError,
-        r"untrained model\. Please train the model first",
+        "untrained model",
+        ("train the model first",),
     ),
     # -------------------------------------------------------------- prepare_query_anndata
     Case(
@@ -1217,28 +1350,32 @@ CASES = [
             AnnData(X=np.ones((3, 2)), var=pd.DataFrame(index=["ENSG1", "ENSG2"])), c.model
         ),
         ValueError,
-        r"None of the reference's genes are in the query's var_names: check that both use the same gene identifiers",
+        "var_names",
+        ("None of the reference's genes", "same gene identifiers"),
     ),
     Case(
         "prepare_query_anndata",
         "not-anndata",
         lambda c: HistoVI.prepare_query_anndata(np.zeros((3, 3)), c.model),
         TypeError,
-        r"prepare_query_anndata needs an AnnData, got ndarray",
+        "prepare_query_anndata",
+        ("AnnData", "ndarray"),
     ),
     Case(
         "prepare_query_anndata",
         "bad-reference",
         lambda c: HistoVI.prepare_query_anndata(query(c), 42),
         TypeError,
-        r"reference_model must be a trained HistoVI or the folder of a saved HistoVI, got int",
+        "reference_model",
+        ("trained HistoVI", "folder of a saved HistoVI", "int"),
     ),
     Case(
         "prepare_query_anndata",
         "reference-folder-missing",
         lambda c: HistoVI.prepare_query_anndata(query(c), str(c.tmp / "ref")),
         FileNotFoundError,
-        r"No saved model at .*ref: the folder does not exist",
+        "ref:",
+        ("no saved model", "does not exist", "model.save"),
     ),
     Case(
         "prepare_query_anndata",
@@ -1247,7 +1384,8 @@ CASES = [
             query(c, lambda q: edit(q, obsm__X_morphology=lambda x: x[:, :3])), c.model
         ),
         ValueError,
-        r"obsm\['X_morphology'\] has 3 columns, the reference's 'morphology' view has 4: embed the query with histovi\.pp\.embed_morphology\(query, reference=",
+        "obsm['X_morphology']",
+        ("3 columns", "4", "histovi.pp.embed_morphology(query, reference="),
     ),
     Case(
         "prepare_query_anndata",
@@ -1256,7 +1394,8 @@ CASES = [
             query(c, lambda q: edit(q, obsm__spatial_neighbors=lambda n: n[:, :2])), c.model
         ),
         ValueError,
-        r"has 2 neighbours per spot, the reference used 4: recompute with histovi\.pp\.spatial_neighbors\(query, n_neighbors=4\)",
+        "obsm['spatial_neighbors']",
+        ("2 neighbours per spot", "histovi.pp.spatial_neighbors(query, n_neighbors=4)"),
     ),
     Case(
         "prepare_query_anndata",
@@ -1265,7 +1404,8 @@ CASES = [
             query(c, lambda q: edit(subset(q, slice(0, 67)), obsm__spatial_neighbors=None)), c.model
         ),
         ValueError,
-        r"reference's n_neighbors=4, which failed: .*'P2_S1_q': 3.*drop query samples with at most 4 spots",
+        "'P2_S1_q': 3",
+        ("n_neighbors=4", "drop query samples with at most 4 spots"),
     ),
     Case(
         "prepare_query_anndata",
@@ -1275,7 +1415,8 @@ CASES = [
             _with_record(c),
         ),
         ValueError,
-        r"embedded with encoder='resnet50' but the reference used 'stain-texture'",
+        "encoder='resnet50'",
+        ("'stain-texture'", "histovi.pp.embed_morphology(query, reference="),
     ),
     # -------------------------------------------------------------- load_query_data
     Case(
@@ -1283,14 +1424,19 @@ CASES = [
         "not-prepared-fewer-genes",
         lambda c: HistoVI.load_query_data(query(c, lambda q: q[:, 3:].copy()), c.model),
         ValueError,
-        r"3 of the reference's 30 genes are missing.*Run HistoVI\.prepare_query_anndata\(query, reference_model\) first",
+        "gene_0, gene_1, gene_2",
+        (
+            "3 of the reference's 30 genes are missing",
+            "HistoVI.prepare_query_anndata(query, reference_model)",
+        ),
     ),
     Case(
         "load_query_data",
         "not-prepared-reordered",
         lambda c: HistoVI.load_query_data(query(c, lambda q: q[:, ::-1].copy()), c.model),
         ValueError,
-        r"adata holds the reference's genes in another order",
+        "adata",
+        ("genes in another order", "HistoVI.prepare_query_anndata(query, reference_model)"),
     ),
     Case(
         "load_query_data",
@@ -1299,14 +1445,19 @@ CASES = [
             query(c, lambda q: edit(q, obsm__X_morphology=None)), c.model
         ),
         KeyError,
-        r"obsm\['X_morphology'\] \('morphology' view of the reference\) not found: run HistoVI\.prepare_query_anndata",
+        "obsm['X_morphology']",
+        (
+            "'morphology' view of the reference",
+            "HistoVI.prepare_query_anndata(query, reference_model)",
+        ),
     ),
     Case(
         "load_query_data",
         "reference-of-another-class",
         lambda c: HistoVI.load_query_data(query(c), "not/a/folder"),
         FileNotFoundError,
-        r"No saved model at not/a/folder",
+        "not/a/folder",
+        ("no saved model", "model.save"),
     ),
     # -------------------------------------------------------------- tl
     Case(
@@ -1314,14 +1465,16 @@ CASES = [
         "missing-rep",
         lambda c: histovi.tl.domains(latent(c), n_domains=3, use_rep="X_scvi"),
         KeyError,
-        r"obsm\['X_scvi'\] not found.*get_latent_representation",
+        "obsm['X_scvi']",
+        ("get_latent_representation", "use_rep="),
     ),
     Case(
         "tl.domains",
         "nan-in-rep",
         lambda c: histovi.tl.domains(edit(latent(c), obsm__X_histovi=at(0, 0, NAN)), n_domains=3),
         ValueError,
-        r"obsm\['X_histovi'\] has NaN/inf in 1 rows: impute or drop those spots",
+        "obsm['X_histovi']",
+        ("NaN/inf", "1 rows", "impute or drop"),
     ),
     Case(
         "tl.domains",
@@ -1330,42 +1483,48 @@ CASES = [
             edit(latent(c), obsm__X_histovi=lambda z: z[:, :0]), n_domains=3
         ),
         ValueError,
-        r"must be a 2-D \(n_obs, n_dims\) array with n_dims >= 1",
+        "obsm['X_histovi']",
+        ("no columns", "use_rep="),
     ),
     Case(
         "tl.domains",
         "gmm-without-k",
         lambda c: histovi.tl.domains(latent(c)),
         ValueError,
-        r"method='gmm' needs `n_domains`/`n_clusters`: pass the number of domains or use method='leiden'",
+        "method='gmm'",
+        ("n_domains", "method='leiden'"),
     ),
     Case(
         "tl.domains",
         "unknown-method",
         lambda c: histovi.tl.domains(latent(c), n_domains=3, method="dbscan"),
         ValueError,
-        r"`method`='dbscan' is not supported: use 'gmm', 'kmeans' or 'leiden'",
+        "'dbscan'",
+        ("'gmm'", "'kmeans'", "'leiden'"),
     ),
     Case(
         "tl.domains",
         "fractional-k",
         lambda c: histovi.tl.domains(latent(c), n_domains=2.5),
         ValueError,
-        r"=2\.5 must be a whole number of domains \(e\.g\. 2\)",
+        "2.5",
+        ("n_domains", "whole number", "e.g. 2"),
     ),
     Case(
         "tl.domains",
         "k-above-spots",
         lambda c: histovi.tl.domains(latent(c), n_domains=500),
         ValueError,
-        r"=500 must be between 1 and the number of spots \(128\)",
+        "500",
+        ("n_domains", "number of spots (128)", "smaller number"),
     ),
     Case(
         "tl.domains",
         "negative-smoothing",
         lambda c: histovi.tl.domains(latent(c), n_domains=3, spatial_smoothing=-1),
         ValueError,
-        r"`spatial_smoothing`=-1 must be a non-negative integer",
+        "spatial_smoothing=-1",
+        ("non-negative integer",),
     ),
     Case(
         "tl.domains",
@@ -1374,7 +1533,8 @@ CASES = [
             latent(c), n_domains=3, spatial_smoothing=1, neighbors_key="knn"
         ),
         KeyError,
-        r"obsm\['knn'\] not found: compute spatial neighbours first",
+        "obsm['knn']",
+        ("histovi.pp.spatial_neighbors", "neighbors_key="),
     ),
     Case(
         "tl.domains",
@@ -1383,35 +1543,40 @@ CASES = [
             edit(latent(c), obsm__spatial_neighbors=at(0, 0, 999)), n_domains=3, spatial_smoothing=1
         ),
         ValueError,
-        r"indices up to 999 but only 128 rows.*recompute it with histovi\.pp\.spatial_neighbors",
+        "obsm['spatial_neighbors']",
+        ("up to 999", "[0, 128)", "recompute", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "tl.domains",
         "one-spot",
         lambda c: histovi.tl.domains(subset(latent(c), slice(0, 1)), n_domains=1),
         ValueError,
-        r"clustering needs at least 2 spots, got 1",
+        "1",
+        ("at least 2 spots", "all spots"),
     ),
     Case(
         "tl.domains",
         "empty",
         lambda c: histovi.tl.domains(subset(latent(c), slice(0, 0)), n_domains=1),
         ValueError,
-        r"`adata` has no observations \(0 spots\)",
+        "adata",
+        ("no spots", "non-empty"),
     ),
     Case(
         "tl.domains",
         "not-anndata",
         lambda c: histovi.tl.domains(np.zeros((5, 2)), n_domains=2),
         TypeError,
-        r"`adata` must be an AnnData, got ndarray",
+        "adata",
+        ("AnnData", "ndarray", "anndata.read_h5ad"),
     ),
     Case(
         "tl.transfer_labels",
         "missing-label",
         lambda c: histovi.tl.transfer_labels(latent(c), latent(c), label_key="celltype"),
         KeyError,
-        r"reference\.obs\['celltype'\] not found: compute domains on the reference first",
+        "reference.obs['celltype']",
+        ("histovi.tl.domains(reference)", "label_key="),
     ),
     Case(
         "tl.transfer_labels",
@@ -1420,21 +1585,24 @@ CASES = [
             latent(c), edit(latent(c), obsm__X_histovi=lambda z: z[:, :2])
         ),
         ValueError,
-        r"has 3 dimensions but query\.obsm\['X_histovi'\] has 2: both must come from the same model",
+        "query.obsm['X_histovi']",
+        ("3 dimensions", "same model", "load_query_data"),
     ),
     Case(
         "tl.transfer_labels",
         "query-without-latent",
         lambda c: histovi.tl.transfer_labels(latent(c), c.adata()),
         KeyError,
-        r"query\.obsm\['X_histovi'\] not found.*get_latent_representation\(adata\)",
+        "query.obsm['X_histovi']",
+        ("get_latent_representation(adata)", "use_rep="),
     ),
     Case(
         "tl.transfer_labels",
         "zero-neighbours",
         lambda c: histovi.tl.transfer_labels(latent(c), latent(c), n_neighbors=0),
         ValueError,
-        r"`n_neighbors`=0 must be a positive integer",
+        "n_neighbors=0",
+        ("positive integer",),
     ),
     Case(
         "tl.transfer_labels",
@@ -1447,28 +1615,32 @@ CASES = [
             latent(c),
         ),
         ValueError,
-        r"reference\.obs\['domain'\] has no non-missing label",
+        "reference.obs['domain']",
+        ("no non-missing label", "label some reference spots"),
     ),
     Case(
         "tl.transfer_labels",
         "empty-query",
         lambda c: histovi.tl.transfer_labels(latent(c), subset(latent(c), slice(0, 0))),
         ValueError,
-        r"`query` has no observations",
+        "query",
+        ("no spots", "non-empty"),
     ),
     Case(
         "tl.aggregate_neighbors",
         "zero-hops",
         lambda c: histovi.tl.aggregate_neighbors(latent(c), "X_histovi", n_hops=0),
         ValueError,
-        r"`n_hops`=0 must be a positive integer",
+        "n_hops=0",
+        ("positive integer",),
     ),
     Case(
         "tl.aggregate_neighbors",
         "missing-neighbours",
         lambda c: histovi.tl.aggregate_neighbors(latent(c), "X_histovi", neighbors_key="knn"),
         KeyError,
-        r"obsm\['knn'\] not found: compute spatial neighbours first",
+        "obsm['knn']",
+        ("histovi.pp.spatial_neighbors", "neighbors_key="),
     ),
     Case(
         "tl.aggregate_neighbors",
@@ -1478,14 +1650,16 @@ CASES = [
             "X_histovi",
         ),
         ValueError,
-        r"must hold integer row indices: recompute it",
+        "obsm['spatial_neighbors']",
+        ("integer row indices", "recompute", "histovi.pp.spatial_neighbors"),
     ),
     Case(
         "tl.aggregate_neighbors",
         "missing-rep",
         lambda c: histovi.tl.aggregate_neighbors(latent(c), "X_pca"),
         KeyError,
-        r"obsm\['X_pca'\] not found.*pass `use_rep=`",
+        "obsm['X_pca']",
+        ("use_rep=",),
     ),
     # -------------------------------------------------------------- metrics
     Case(
@@ -1493,7 +1667,8 @@ CASES = [
         "missing-cluster-key",
         lambda c: histovi.metrics.per_sample_scores(latent(c), "domain", "clusters"),
         KeyError,
-        r"obs\['clusters'\] not found: run histovi\.tl\.domains\(adata\) first",
+        "obs['clusters']",
+        ("histovi.tl.domains(adata)", "cluster_key="),
     ),
     Case(
         "metrics.per_sample_scores",
@@ -1505,7 +1680,8 @@ CASES = [
             ignore=tuple(c.model.adata.obs["domain"].astype(str).unique()),
         ),
         ValueError,
-        r"obs\['domain'\] has no usable label",
+        "obs['domain']",
+        ("no usable label", "ignore=", "annotations"),
     ),
     Case(
         "metrics.per_sample_scores",
@@ -1516,7 +1692,8 @@ CASES = [
             "clusters",
         ),
         ValueError,
-        r"obs\['clusters'\] has missing values: every spot needs a cluster",
+        "obs['clusters']",
+        ("missing values", "every spot needs a cluster", "recompute"),
     ),
     Case(
         "metrics.per_sample_scores",
@@ -1525,35 +1702,40 @@ CASES = [
             latent(c), "domain", "domain", sample_key="slide"
         ),
         KeyError,
-        r"obs\['slide'\] not found",
+        "obs['slide']",
+        ("existing column", "'sample'"),
     ),
     Case(
         "metrics.spatial_coherence",
         "missing-neighbours",
         lambda c: histovi.metrics.spatial_coherence(latent(c), neighbors_key="knn"),
         KeyError,
-        r"obsm\['knn'\] not found: compute spatial neighbours first",
+        "obsm['knn']",
+        ("histovi.pp.spatial_neighbors", "neighbors_key="),
     ),
     Case(
         "metrics.spatial_coherence",
         "missing-clusters",
         lambda c: histovi.metrics.spatial_coherence(latent(c), cluster_key="leiden"),
         KeyError,
-        r"obs\['leiden'\] not found: run histovi\.tl\.domains",
+        "obs['leiden']",
+        ("histovi.tl.domains", "cluster_key="),
     ),
     Case(
         "metrics.cluster_and_score",
         "rows-differ",
         lambda c: histovi.metrics.cluster_and_score(np.zeros((10, 2)), ["a"] * 128, ["s"] * 128),
         ValueError,
-        r"`embedding` has 10 rows but the labels/samples have 128",
+        "`embedding`",
+        ("10 rows", "128", "one row per spot"),
     ),
     Case(
         "metrics.cluster_and_score",
         "lengths-differ",
         lambda c: histovi.metrics.cluster_and_score(np.zeros((128, 2)), ["a"] * 128, ["s"] * 5),
         ValueError,
-        r"`labels` \(128\) and `samples` \(5\) differ in length",
+        "`labels` (128)",
+        ("`samples` (5)", "one value per spot"),
     ),
     Case(
         "metrics.cluster_and_score",
@@ -1562,7 +1744,8 @@ CASES = [
             at(0, 0, INF)(np.zeros((128, 2))), ["a"] * 128, ["s"] * 128
         ),
         ValueError,
-        r"`embedding` contains NaN/inf",
+        "`embedding`",
+        ("NaN/inf", "impute or drop"),
     ),
     Case(
         "metrics.cluster_and_score",
@@ -1571,14 +1754,16 @@ CASES = [
             np.zeros((3, 2)), ["a", "b", "a"], ["s", None, "s"]
         ),
         ValueError,
-        r"`samples` has missing values: give every spot a section id",
+        "`samples`",
+        ("missing values", "section id"),
     ),
     Case(
         "metrics.cluster_and_score",
         "no-labels",
         lambda c: histovi.metrics.cluster_and_score(np.zeros((3, 2)), [None] * 3, ["s"] * 3),
         ValueError,
-        r"`labels` has no usable label",
+        "`labels`",
+        ("no usable label", "annotation column"),
     ),
     Case(
         "metrics.cluster_and_score",
@@ -1587,7 +1772,8 @@ CASES = [
             np.zeros((3, 2)), ["a", "b", "a"], ["s"] * 3, seeds=()
         ),
         ValueError,
-        r"`methods` and `seeds` must each name at least one value",
+        "`seeds`",
+        ("`methods`", "at least one value"),
     ),
     Case(
         "metrics.integration_scores",
@@ -1596,7 +1782,8 @@ CASES = [
             edit(latent(c), obs__domain="x"), label_key="domain"
         ),
         ValueError,
-        r"fewer than 2 usable label classes",
+        "obs['domain']",
+        ("fewer than 2 usable label classes", "label_key"),
     ),
     Case(
         "metrics.integration_scores",
@@ -1605,21 +1792,24 @@ CASES = [
             edit(latent(c), obs__sample="s"), label_key="domain"
         ),
         ValueError,
-        r"labelled spots come from a single batch of adata\.obs\['sample'\]",
+        "obs['sample']",
+        ("single batch", "batch_key"),
     ),
     Case(
         "metrics.integration_scores",
         "zero-neighbours",
         lambda c: histovi.metrics.integration_scores(latent(c), label_key="domain", n_neighbors=0),
         ValueError,
-        r"`n_neighbors`=0 must be a whole number >= 3",
+        "n_neighbors=0",
+        ("integer >= 3",),
     ),
     Case(
         "metrics.evaluate",
         "missing-label",
         lambda c: histovi.metrics.evaluate(latent(c), label_key="celltype"),
         KeyError,
-        r"obs\['celltype'\] not found",
+        "obs['celltype']",
+        ("existing column", "'domain'"),
     ),
     Case(
         "metrics.evaluate",
@@ -1628,21 +1818,24 @@ CASES = [
             latent(c), label_key="domain", methods=("dbscan",), integration=False
         ),
         ValueError,
-        r"`method`='dbscan' is not supported",
+        "'dbscan'",
+        ("'gmm'", "'kmeans'", "'leiden'"),
     ),
     Case(
         "metrics.summarize",
         "empty",
         lambda c: histovi.metrics.summarize(pd.DataFrame()),
         ValueError,
-        r"`df` must be a non-empty DataFrame from histovi\.metrics\.cluster_and_score",
+        "`df`",
+        ("non-empty DataFrame", "histovi.metrics.cluster_and_score"),
     ),
     Case(
         "metrics.summarize",
         "missing-columns",
         lambda c: histovi.metrics.summarize(pd.DataFrame({"ARI": [0.1]})),
         KeyError,
-        r"`df` lacks columns \['seed', 'NMI'\]",
+        "`df`",
+        ("['seed', 'NMI']", "histovi.metrics.cluster_and_score"),
     ),
     # -------------------------------------------------------------- histovi run (CLI)
     Case(
@@ -1650,7 +1843,8 @@ CASES = [
         "input-missing",
         lambda c: cli_raw(c, ["--input", str(c.tmp / "none.h5ad"), "--out", str(c.tmp / "o")]),
         CliError,
-        r"--input .*none\.h5ad' does not exist: give a \.h5ad file",
+        "--input",
+        ("none.h5ad", "does not exist", ".h5ad file"),
     ),
     Case(
         "cli",
@@ -1660,7 +1854,8 @@ CASES = [
             cli_raw(c, ["--input", str(c.tmp / "x.csv"), "--out", str(c.tmp / "o")]),
         ),
         CliError,
-        r"unknown format '\.csv'",
+        "--input",
+        ("'.csv'", ".h5ad file", ".zarr"),
     ),
     Case(
         "cli",
@@ -1670,63 +1865,72 @@ CASES = [
             cli_raw(c, ["--input", str(c.tmp / "x.h5ad"), "--out", str(c.tmp / "o")]),
         ),
         CliError,
-        r"cannot read --input .*x\.h5ad'",
+        "--input",
+        ("x.h5ad", "cannot read", "corrupted"),
     ),
     Case(
         "cli",
         "misspelled-sample-key",
         lambda c: cli_run(c, None, "--sample-key", "slide"),
         CliError,
-        r"--sample-key 'slide' is not a column of adata\.obs \(columns: sample, patient, domain\)",
+        "--sample-key 'slide'",
+        ("not a column", "sample, patient, domain"),
     ),
     Case(
         "cli",
         "misspelled-label-key",
         lambda c: cli_run(c, None, "--label-key", "celltype"),
         CliError,
-        r"--label-key 'celltype' is not a column of adata\.obs",
+        "--label-key 'celltype'",
+        ("not a column", "'none'"),
     ),
     Case(
         "cli",
         "misspelled-layer",
         lambda c: cli_run(c, None, "--layer", "raw"),
         CliError,
-        r"--layer 'raw' is not in adata\.layers \(counts\)",
+        "--layer 'raw'",
+        ("(counts)", "leave --layer out"),
     ),
     Case(
         "cli",
         "unknown-samples",
         lambda c: cli_run(c, None, "--samples", "P9_S9"),
         CliError,
-        r"--samples P9_S9 not found in adata\.obs\['sample'\] \(values: P1_S1, P2_S1\)",
+        "--samples P9_S9",
+        ("not found", "P1_S1, P2_S1"),
     ),
     Case(
         "cli",
         "one-domain",
         lambda c: cli_run(c, None, "--n-domains", "1"),
         CliError,
-        r"--n-domains 1 must be at least 2",
+        "--n-domains 1",
+        ("at least 2",),
     ),
     Case(
         "cli",
         "zero-epochs",
         lambda c: cli_run(c, None, "--max-epochs", "0"),
         CliError,
-        r"--max-epochs 0 must be at least 1",
+        "--max-epochs 0",
+        ("at least 1",),
     ),
     Case(
         "cli",
         "negative-genes",
         lambda c: cli_run(c, None, "--n-top-genes", "-1"),
         CliError,
-        r"--n-top-genes -1 must be 0 \(all genes\) or positive",
+        "--n-top-genes -1",
+        ("0 (all genes) or positive",),
     ),
     Case(
         "cli",
         "normalised-counts",
         lambda c: cli_run(c, lambda a: edit(a, layers__counts=dense(np.log1p))),
         CliError,
-        r"counts: adata\.layers\['counts'\] contains non-integer values",
+        "layers['counts']",
+        ("non-integer", "raw counts", "layer="),
     ),
     Case(
         "cli",
@@ -1735,14 +1939,16 @@ CASES = [
             c, lambda a: edit(a, obsm__X_morphology=None), "--encoder", "precomputed"
         ),
         CliError,
-        r"--encoder precomputed but adata\.obsm\['X_morphology'\] not found",
+        "obsm['X_morphology']",
+        ("--encoder precomputed", "histovi.pp.embed_morphology", "--encoder stain-texture"),
     ),
     Case(
         "cli",
         "no-spot-centres",
         lambda c: cli_run(c, lambda a: edit(a, obsm__spatial=None)),
         CliError,
-        r"adata\.obsm\['spatial'\] \(spot centres\) not found",
+        "obsm['spatial']",
+        ("spot centres", "store the spot coordinates there"),
     ),
     Case(
         "cli",
@@ -1754,35 +1960,40 @@ CASES = [
             ),
         ),
         CliError,
-        r"adata\.obs\['sample'\] has missing values: give every spot a sample id",
+        "obs['sample']",
+        ("missing values", "sample id"),
     ),
     Case(
         "cli",
         "identical-coordinates",
         lambda c: cli_run(c, lambda a: edit(a, obsm__spatial=lambda x: np.zeros_like(x))),
         CliError,
-        r"spatial neighbours: adata\.obsm\['spatial'\] puts every spot of sample 'P1_S1' at the same position",
+        "obsm['spatial']",
+        ("'P1_S1'", "same position", "spatial_key="),
     ),
     Case(
         "cli",
         "out-is-a-file",
         lambda c: ((c.tmp / "f").write_text("x"), cli_run(c, None, out=c.tmp / "f")),
         CliError,
-        r"--out .*f' is a file: pass a folder",
+        "--out",
+        ("is a file", "pass a folder"),
     ),
     Case(
         "cli",
         "out-holds-a-finished-run",
         lambda c: cli_run(c, None, out=finished_run(c)),
         CliError,
-        r"already holds the outputs of a previous run \(adata\.h5ad\): pass --overwrite to replace them, or choose another --out",
+        "--out",
+        ("(adata.h5ad)", "--overwrite", "another --out"),
     ),
     Case(
         "cli",
         "zero-grid",
         lambda c: cli_raw(c, ["--sim-grid", "0", "--out", str(c.tmp / "o")]),
         CliError,
-        r"--sim-grid must be at least 1",
+        "--sim-grid",
+        ("at least 1",),
     ),
 ]
 
@@ -1810,7 +2021,7 @@ def ctx(tiny_adata, tiny_trained, tmp_path, capsys):
 def test_bad_input_is_refused_naming_key_and_fix(case, ctx):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cases assert errors; warnings are checked below
-        with pytest.raises(case.error, match=case.match):
+        with raises_naming(case.error, case.key, *case.fix):
             case.call(ctx)
 
 
@@ -1823,7 +2034,8 @@ WARNS = [
             image_files(c.adata(), c.tmp, {0: "garbage"}), **FAST_TILES
         ),
         UserWarning,
-        r"no image for sample\(s\) 'P1_S1' \(image file .*P1_S1\.png' cannot be read",
+        "'P1_S1'",
+        ("P1_S1.png'", "cannot be read", "replace it", "obsm['X_morphology']"),
     ),
     Case(
         "pp.embed_morphology",
@@ -1832,7 +2044,8 @@ WARNS = [
             image_files(c.adata(), c.tmp, {0: "truncated"}), **FAST_TILES
         ),
         UserWarning,
-        r"'P1_S1' \(image file .*P1_S1\.jpg' cannot be read \(OSError: image file is truncated",
+        "'P1_S1'",
+        ("P1_S1.jpg'", "truncated", "replace it"),
     ),
     Case(
         "pp.embed_morphology",
@@ -1841,28 +2054,32 @@ WARNS = [
             image_files(c.adata(), c.tmp, {1: "missing"}), **FAST_TILES
         ),
         UserWarning,
-        r"no image for sample\(s\) 'P2_S1' \(image file .* not found",
+        "'P2_S1'",
+        ("not found", "image_dir="),
     ),
     Case(
         "pp.embed_morphology",
         "scale-factor-too-large",
         lambda c: histovi.pp.embed_morphology(scale_images(20.0)(c.adata()), **FAST_TILES),
         UserWarning,
-        r"100% of the spots of sample 'P1_S1' lie outside its image .*tissue_hires_scalef",
+        "'P1_S1'",
+        ("100%", "outside its image", "tissue_hires_scalef", "obsm['spatial']"),
     ),
     Case(
         "pp.embed_morphology",
         "scale-factor-too-small",
         lambda c: histovi.pp.embed_morphology(scale_images(1 / 40)(c.adata()), **FAST_TILES),
         UserWarning,
-        r"the spots of sample 'P1_S1' cover a patch under 5% of its image's side",
+        "'P1_S1'",
+        ("under 5%", "tissue_hires_scalef"),
     ),
     Case(
         "pp.embed_morphology",
         "no-usable-tile",
         lambda c: histovi.pp.embed_morphology(scale_images(20.0)(c.adata()), **FAST_TILES),
         UserWarning,
-        r"no spot got a usable tile: every row of obsm\['X_morphology'\] is NaN",
+        "obsm['X_morphology']",
+        ("no spot got a usable tile", "scale factors", "min_tissue_fraction"),
     ),
     Case(
         "io.read_folder",
@@ -1872,7 +2089,8 @@ WARNS = [
             histovi.io.read_folder(c.tmp, load_images=True),
         ),
         UserWarning,
-        r"image files not found or unreadable for P1_S1 \(.*unreadable",
+        "P1_S1",
+        ("unreadable", "no morphology"),
     ),
     Case(
         "io.read_folder",
@@ -1882,14 +2100,16 @@ WARNS = [
             histovi.io.read_folder(c.tmp),
         ),
         UserWarning,
-        r"not found or unreadable for P2_S1",
+        "P2_S1",
+        ("not found or unreadable", "no morphology"),
     ),
     Case(
         "prepare_query_anndata",
         "missing-genes",
         lambda c: HistoVI.prepare_query_anndata(query(c, lambda q: q[:, 4:].copy()), c.model),
         UserWarning,
-        r"4 of the reference's 30 genes are missing from the query and are filled with zeros",
+        "4 of the reference's 30 genes",
+        ("missing from the query", "filled with zeros"),
     ),
     Case(
         "prepare_query_anndata",
@@ -1898,14 +2118,16 @@ WARNS = [
             query(c, lambda q: edit(q, obsm__X_morphology=None)), c.model
         ),
         UserWarning,
-        r"no adata\.obsm\['X_morphology'\] \('morphology' view\): it maps with the views it has",
+        "obsm['X_morphology']",
+        ("'morphology' view", "treated as missing"),
     ),
     Case(
         "HistoVI.load",
         "other-histovi-version",
         lambda c: _load_older(c),
         UserWarning,
-        r"saved with histovi 0\.0\.9; this is histovi",
+        "histovi 0.0.9",
+        ("install the saving version",),
     ),
 ]
 
@@ -1922,7 +2144,7 @@ def _load_older(c):
 
 @pytest.mark.parametrize("case", WARNS, ids=[c.id for c in WARNS])
 def test_recoverable_input_warns_naming_the_cause(case, ctx):
-    with pytest.warns(case.error, match=case.match):
+    with warns_naming(case.error, case.key, *case.fix):
         case.call(ctx)
 
 
@@ -1982,9 +2204,7 @@ def test_nan_input_reaching_training_is_named(tiny_adata, monkeypatch):
     monkeypatch.setattr(_validation.check_counts, "__defaults__", (10,))
     adata = edit(tiny_adata, layers__counts=dense(at(127, 0, NAN)))
     model = tiny_model(adata)
-    with pytest.raises(
-        TrainingDivergedError, match=r"the input of 'expression' holds NaN or inf values"
-    ):
+    with raises_naming(TrainingDivergedError, "'expression'", "NaN or inf"):
         model.train(max_epochs=1, **{**TRAIN, "batch_size": 128})
 
 
@@ -2010,11 +2230,11 @@ def test_view_rows_are_complete_or_missing(n, d, data):
     values[inf & ~nan] = np.inf
     partial = nan.any(1) & ~nan.all(1)
     if (inf & ~nan).any():
-        with pytest.raises(ValueError, match=r"obsm\['v'\] contains inf values"):
+        with raises_naming(ValueError, "obsm['v']", "inf", "NaN"):
             check_finite_or_nan_rows(values, "v")
     elif partial.any():
-        with pytest.raises(
-            ValueError, match=rf"has {int(partial.sum())} rows with some but not all"
+        with raises_naming(
+            ValueError, "obsm['v']", f"{int(partial.sum())} rows", "complete or entirely NaN"
         ):
             check_finite_or_nan_rows(values, "v")
     else:
@@ -2045,7 +2265,7 @@ def test_counts_are_finite_non_negative_integers(shape, kind, cell, sparse, seed
     if kind == "ok":
         check_counts(adata, None)
     else:
-        with pytest.raises(ValueError, match=rf"adata\.X contains {match[kind]}"):
+        with raises_naming(ValueError, "adata.X", match[kind], "raw"):
             check_counts(adata, None)
 
 
@@ -2063,7 +2283,7 @@ def test_neighbours_stay_within_samples_of_any_size(sizes, k, seed):
     adata.obsm["spatial"] = rng.permutation(n * 3)[: 2 * n].reshape(n, 2).astype(float)
     if min(sizes) <= k:
         small = {f"s{i}": s for i, s in enumerate(sizes) if s <= k}
-        with pytest.raises(ValueError, match=rf"at most n_neighbors={k} spots.*{list(small)[0]}"):
+        with raises_naming(ValueError, "obs['sample']", f"n_neighbors={k}", list(small)[0]):
             histovi.pp.spatial_neighbors(adata, n_neighbors=k)
         return
     histovi.pp.spatial_neighbors(adata, n_neighbors=k)
@@ -2090,10 +2310,10 @@ def test_neighbour_matrices_in_range_and_within_samples(rows, cross):
     out_of_range = any(r < 0 or r >= 128 for r in rows[:4])
     crossing = cross or any(64 <= r < 128 for r in rows[:4])
     if out_of_range:
-        with pytest.raises(ValueError, match=r"outside \[0, 128\)"):
+        with raises_naming(ValueError, "obsm['nb']", "[0, 128)", "histovi.pp.spatial_neighbors"):
             check_neighbors(adata, "nb", "sample")
     elif crossing:
-        with pytest.raises(ValueError, match=r"spots to neighbours in another sample"):
+        with raises_naming(ValueError, "obsm['nb']", "another sample", "spatial_neighbors"):
             check_neighbors(adata, "nb", "sample")
     else:
         np.testing.assert_array_equal(check_neighbors(adata, "nb", "sample"), nbrs)
@@ -2108,7 +2328,7 @@ def test_any_mask_of_missing_morphology_rows_is_accepted(tiny_adata, missing_row
     mask = np.array(missing_rows)
     adata.obsm[M] = np.where(mask[:, None], np.nan, adata.obsm[M])
     if mask.all():
-        with pytest.raises(ValueError, match=r"is NaN for every spot"):
+        with raises_naming(ValueError, f"obsm['{M}']", "NaN for every spot", "morphology_key=None"):
             setup(adata)
     else:
         setup(adata)
@@ -2128,7 +2348,7 @@ def test_query_genes_any_subset_and_order(tiny_trained, data):
     )
     q.obs["sample"] = "q"
     if not kept:
-        with pytest.raises(ValueError, match="None of the reference's genes"):
+        with raises_naming(ValueError, "var_names", "none of the reference's genes", "identifiers"):
             HistoVI.prepare_query_anndata(q, tiny_trained)
         return
     with warnings.catch_warnings(record=True) as caught:
@@ -2149,10 +2369,10 @@ def test_indices_in_range_or_refused(idx):
     from histovi._validation import check_indices
 
     if not idx:
-        with pytest.raises(ValueError, match="is empty"):
+        with raises_naming(ValueError, "indices", "empty", "at least one row number"):
             check_indices(np.array(idx, dtype=int), 128)
     elif min(idx) < 0 or max(idx) >= 128:
-        with pytest.raises(ValueError, match=r"outside \[0, 128\)"):
+        with raises_naming(ValueError, "indices", "[0, 128)", "get_indexer"):
             check_indices(idx, 128)
     else:
         check_indices(idx, 128)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from _messages import raises_naming, warns_naming
 
 from histovi.pp._expression import _rank_value_encode, embed_expression
 
@@ -190,7 +191,7 @@ def test_zero_count_spots_get_nan_rows(model_dir):
     X[5, :N_GENES_VOCAB] = 0  # counts only in genes outside the vocabulary
     X[5, N_GENES_VOCAB] = 3
     adata.X = sp.csr_matrix(X)
-    with pytest.warns(UserWarning, match="2 of 10 spots have no counts"):
+    with warns_naming(UserWarning, "obsm['X_geneformer']", "2 of 10 spots", "no counts", "NaN"):
         embed_expression(adata, "geneformer", model_path=model_dir, show_progress=False)
     emb = adata.obsm["X_geneformer"]
     assert np.isnan(emb[[2, 5]]).all()
@@ -201,12 +202,12 @@ def test_zero_count_spots_get_nan_rows(model_dir):
 def test_few_genes_mapped_warns_and_none_mapped_refuses(model_dir):
     adata = _make_adata()
     few = adata[:, list(range(10)) + list(range(N_GENES_VOCAB, adata.n_vars))].copy()
-    with pytest.warns(UserWarning, match="Only 10 of 40 genes"):
+    with warns_naming(UserWarning, "adata.var_names", "only 10 of 40 genes", "gene_id_key"):
         embed_expression(few, "geneformer", model_path=model_dir, show_progress=False)
     assert few.uns["histovi"]["embeddings"]["X_geneformer"]["n_genes_mapped"] == 10
 
     none = adata[:, N_GENES_VOCAB:].copy()
-    with pytest.raises(ValueError, match="None of the 30 genes"):
+    with raises_naming(ValueError, "adata.var_names", "none of the 30 genes", "gene_id_key="):
         embed_expression(none, "geneformer", model_path=model_dir, show_progress=False)
     assert "X_geneformer" not in none.obsm
 
@@ -226,7 +227,9 @@ def test_symbols_without_name_dictionary_refused(tmp_path):
     folder = _write_model(tmp_path / "m")
     (folder / "gene_name_id_dict.pkl").unlink()
     adata = _make_adata()
-    with pytest.raises(ValueError, match="gene_id_key"):
+    with raises_naming(
+        ValueError, "adata.var_names", "gene symbols", "gene_id_key=", "dictionary_files="
+    ):
         embed_expression(adata, "geneformer", model_path=folder, show_progress=False)
     embed_expression(
         adata, "geneformer", model_path=folder, gene_id_key="gene_ids", show_progress=False
@@ -247,7 +250,7 @@ def test_max_length_truncates(model_dir):
     )
     assert a_short.uns["histovi"]["embeddings"]["X_gf6"]["max_length"] == 6
     assert not np.allclose(a_full.obsm["X_geneformer"], a_short.obsm["X_gf6"])
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with raises_naming(ValueError, "max_length=65", "max_position_embeddings=64", "max_length<=64"):
         embed_expression(_make_adata(), "geneformer", model_path=model_dir, max_length=MAX_POS + 1)
 
 
@@ -256,7 +259,7 @@ def test_v1_dictionary_without_cls(tmp_path):
     adata = _make_adata()
     embed_expression(adata, "geneformer", model_path=folder, hidden_layer=-2, show_progress=False)
     assert np.isfinite(adata.obsm["X_geneformer"]).all()
-    with pytest.raises(ValueError, match="pooling='cls'"):
+    with raises_naming(ValueError, "pooling='cls'", "<cls>", "pooling='mean'"):
         embed_expression(adata, "geneformer", model_path=folder, pooling="cls")
 
 
@@ -319,15 +322,15 @@ def test_hub_route_downloads_snapshot_and_picks_matching_dictionaries(tmp_path, 
 
 def test_bad_inputs_are_refused(model_dir):
     adata = _make_adata()
-    with pytest.raises(ValueError, match="model='bert'"):
+    with raises_naming(ValueError, "model='bert'", "'geneformer'", "'pca'"):
         embed_expression(adata, "bert")
-    with pytest.raises(KeyError, match="layer='raw'"):
+    with raises_naming(KeyError, "layers['raw']", "layer=", "layer=None"):
         embed_expression(adata, "geneformer", model_path=model_dir, layer="raw")
-    with pytest.raises(KeyError, match="gene_id_key='ensembl'"):
+    with raises_naming(KeyError, "gene_id_key='ensembl'"):
         embed_expression(adata, "geneformer", model_path=model_dir, gene_id_key="ensembl")
     logged = adata.copy()
     logged.X = logged.X.log1p()
-    with pytest.raises(ValueError, match="non-integer.*layer=<the counts layer>"):
+    with raises_naming(ValueError, "adata.X", "non-integer", "raw counts", "layer="):
         embed_expression(logged, "geneformer", model_path=model_dir)
     # the counts layer works on the same object
     embed_expression(
@@ -335,18 +338,20 @@ def test_bad_inputs_are_refused(model_dir):
     )
     negative = adata.copy()
     negative.X = -negative.X
-    with pytest.raises(ValueError, match="negative"):
+    with raises_naming(ValueError, "negative"):
         embed_expression(negative, "pca")
-    with pytest.raises(ValueError, match="does not exist"):
+    with raises_naming(ValueError, "does not exist"):
         embed_expression(adata, "geneformer", model_path=model_dir / "missing")
-    with pytest.raises(ValueError, match="batch_size"):
+    with raises_naming(ValueError, "batch_size"):
         embed_expression(adata, "pca", batch_size=0)
-    with pytest.raises(ValueError, match="model of type"):
+    with raises_naming(ValueError, "model of type"):
         embed_expression(adata, object())
 
 
 def test_scgpt_raises_with_precomputed_route():
-    with pytest.raises(ImportError, match="precomputed-embedding route"):
+    with raises_naming(
+        ImportError, "model='scgpt'", "precomputed-embedding route", "embedding_keys="
+    ):
         embed_expression(_make_adata(), "scgpt")
 
 
@@ -391,11 +396,11 @@ def test_pca_top_genes_and_empty_spots():
     X = adata.X.toarray()
     X[7] = 0
     adata.X = sp.csr_matrix(X)
-    with pytest.warns(UserWarning, match="1 of 40 spots have no counts"):
+    with warns_naming(UserWarning, "obsm['X_expression_pca']", "1 of 40 spots", "no counts", "NaN"):
         embed_expression(adata, "pca", n_comps=5, n_top_genes=50)
     emb = adata.obsm["X_expression_pca"]
     assert np.isnan(emb[7]).all() and np.isfinite(np.delete(emb, 7, axis=0)).all()
     rec = adata.uns["histovi"]["embeddings"]["X_expression_pca"]
     assert rec["n_genes_mapped"] == 50 and rec["n_spots_empty"] == 1
-    with pytest.raises(ValueError, match="n_top_genes"):
+    with raises_naming(ValueError, "n_top_genes=1", "integer >= 2", "None"):
         embed_expression(adata, "pca", n_top_genes=1)

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _messages import raises_naming, warns_naming
 
 from histovi.datasets._images import draw_he_images
 from histovi.io import FileSource, from_spatialdata, read_folder, to_spatialdata
@@ -84,7 +85,7 @@ def test_read_folder(tmp_path):
         adata.uns["spatial"][s]["image_file"] = f"images/{s}.png"
     adata.uns["spatial"]["c"] = {"image_file": "images/c.png", "scalefactors": {}}
     adata.write_h5ad(tmp_path / "study.h5ad")
-    with pytest.warns(UserWarning, match="c"):
+    with warns_naming(UserWarning, "c.png", "not found or unreadable", "no morphology"):
         got = read_folder(tmp_path)
     assert Path(got.uns["spatial"]["a"]["image_file"]).is_absolute()
     with pytest.warns(UserWarning):
@@ -92,7 +93,7 @@ def test_read_folder(tmp_path):
     img = loaded.uns["spatial"]["a"]["images"]["hires"]
     assert max(img.shape[:2]) == 200 and img.dtype == np.uint8
     assert loaded.uns["spatial"]["a"]["scalefactors"]["tissue_hires_scalef"] < 0.5
-    with pytest.raises(ValueError, match="h5ad"):
+    with raises_naming(ValueError, "nope.h5ad", "does not exist", "h5ad="):
         read_folder(tmp_path, h5ad="nope.h5ad")
 
 

@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _messages import raises_naming
 
 from histovi import metrics
 
@@ -46,9 +47,9 @@ def test_per_sample_scores_skips_unlabelled_samples_and_validates():
     adata.obs.loc[adata.obs["sample"] == "s2", "label"] = None
     df = metrics.per_sample_scores(adata, "label", "domain")
     assert list(df["sample"]) == ["s1"]
-    with pytest.raises(KeyError, match=r"obs\['clusters'\].*histovi.tl.domains"):
+    with raises_naming(KeyError, "obs['clusters']", "histovi.tl.domains", "cluster_key="):
         metrics.per_sample_scores(adata, "label", "clusters")
-    with pytest.raises(ValueError, match="no usable label"):
+    with raises_naming(ValueError, "obs['label']", "no usable label", "annotations"):
         metrics.per_sample_scores(adata, "label", "domain", ignore=("a", "b", "c", "undetermined"))
 
 
@@ -105,13 +106,13 @@ def test_cluster_and_score_clusters_all_spots(monkeypatch):
 
 def test_cluster_and_score_errors():
     X, labels, samples = _protocol_data()
-    with pytest.raises(ValueError, match="one row per spot"):
+    with raises_naming(ValueError, "`embedding`", "10 rows", "one row per spot"):
         metrics.cluster_and_score(X[:10], labels, samples)
-    with pytest.raises(ValueError, match="differ in length"):
+    with raises_naming(ValueError, "`labels` (180)", "`samples` (5)", "one value per spot"):
         metrics.cluster_and_score(X, labels, samples[:5])
     bad = X.copy()
     bad[0, 0] = np.inf
-    with pytest.raises(ValueError, match="NaN/inf"):
+    with raises_naming(ValueError, "`embedding`", "NaN/inf", "impute or drop"):
         metrics.cluster_and_score(bad, labels, samples)
 
 
@@ -132,7 +133,7 @@ def test_summarize_hand_computed():
     assert out.loc["pca", "ARI_std"] == pytest.approx(np.sqrt(0.02))
     assert out.loc["histovi", "ARI_mean"] == pytest.approx(0.6)
     assert out.loc["histovi", "NMI_std"] == pytest.approx(0.0)
-    with pytest.raises(KeyError, match="seed"):
+    with raises_naming(KeyError, "['seed']", "histovi.metrics.cluster_and_score"):
         metrics.summarize(df.drop(columns="seed"))
 
 
@@ -167,7 +168,7 @@ def test_spatial_coherence_per_sample_drops_cross_links():
     # the 1<->2 link crosses samples and is dropped: 2 pairs per sample, all agreeing
     assert df.loc["a", "n_pairs"] == 2 and df.loc["a", "coherence"] == 1.0
     assert df.loc["all", "n_pairs"] == 4 and df.loc["all", "coherence"] == 1.0
-    with pytest.raises(KeyError, match=r"obsm\['knn'\].*spatial_neighbors"):
+    with raises_naming(KeyError, "obsm['knn']", "histovi.pp.spatial_neighbors", "neighbors_key="):
         metrics.spatial_coherence(adata, neighbors_key="knn")
 
 
@@ -205,11 +206,11 @@ def test_integration_scores_rank_mixing():
 
 def test_integration_scores_errors():
     adata = _integration_adata(True)
-    with pytest.raises(KeyError, match=r"obs\['celltype'\]"):
+    with raises_naming(KeyError, "obs['celltype']", "existing column", "'label'"):
         metrics.integration_scores(adata, label_key="celltype")
     one = adata.copy()
     one.obs["sample"] = "b0"
-    with pytest.raises(ValueError, match="single batch"):
+    with raises_naming(ValueError, "obs['sample']", "single batch", "batch_key"):
         metrics.integration_scores(one, label_key="label")
 
 
@@ -286,15 +287,24 @@ def test_label_probe_tells_labels_from_noise_and_transfer_across_groups():
 
 def test_label_probe_errors_name_the_key():
     adata = _probe_adata()
-    with pytest.raises(KeyError, match=r"obsm\['X_missing'\].*embedding_key"):
+    with raises_naming(KeyError, "obsm['X_missing']", "embedding_key="):
         metrics.label_probe(adata, "X_missing")
-    with pytest.raises(KeyError, match=r"obs\['celltype'\]"):
+    with raises_naming(KeyError, "obs['celltype']", "existing column", "'label'"):
         metrics.label_probe(adata, "X_shared", label_key="celltype")
-    with pytest.raises(KeyError, match=r"obs\['donor'\]"):
+    with raises_naming(KeyError, "obs['donor']", "existing column", "'patient'"):
         metrics.label_probe(adata, "X_shared", group_key="donor")
-    with pytest.raises(ValueError, match="min_class_size=3 is below n_folds=5"):
+    with raises_naming(
+        ValueError, "min_class_size=3", "n_folds=5", "raise `min_class_size`", "lower `n_folds`"
+    ):
         metrics.label_probe(adata, "X_shared", min_class_size=3)
-    with pytest.raises(ValueError, match="no section.*two classes"):
+    with raises_naming(
+        ValueError,
+        "obs['sample']",
+        "two classes",
+        "obs['label']",
+        "`label_key`",
+        "`min_class_size`",
+    ):
         metrics.label_probe(adata, "X_shared", min_class_size=21)
 
 
@@ -322,10 +332,12 @@ def test_cluster_composition_hand_computed():
     assert c.loc["0", "group_share"] == 1.0
     mixed = metrics.cluster_composition(adata, "domain", "label", "patient").set_index("cluster")
     assert mixed.loc["0", "group_share"] == 0.5 and mixed.loc["1", "group"] == "p1"
-    with pytest.raises(KeyError, match=r"obs\['clusters'\].*histovi.tl.domains"):
+    with raises_naming(KeyError, "obs['clusters']", "histovi.tl.domains", "cluster_key="):
         metrics.cluster_composition(adata, "clusters", "label", "sample")
     adata.obs.loc["spot0", "domain"] = None
-    with pytest.raises(ValueError, match="missing values"):
+    with raises_naming(
+        ValueError, "obs['domain']", "missing values", "every spot needs a cluster", "recompute"
+    ):
         metrics.cluster_composition(adata, "domain", "label", "sample")
 
 

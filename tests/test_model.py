@@ -2,10 +2,10 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+from _messages import raises_naming, warns_naming
 
 import histovi
 from histovi import HistoVI
@@ -61,7 +61,7 @@ def test_every_view_switch(small_adata):
         assert model.get_latent_representation().shape == (small_adata.n_obs, 3)
     assert "morphology" not in HistoVI(small_adata, use_morphology=False).module.view_names
     assert not HistoVI(small_adata, use_niche=False).module.use_niche
-    with pytest.raises(TypeError, match="cycle_weight"):  # removed: it did not help
+    with raises_naming(TypeError, "cycle_weight"):  # removed: it did not help
         HistoVI(small_adata, cycle_weight=1.0)
 
 
@@ -215,7 +215,9 @@ def test_query_gene_mismatch_and_missing_morphology(small_adata):
     query = query[:, 5:].copy()  # 5 genes missing
     del query.obsm["X_morphology"]
     del query.obsm["spatial_neighbors"]
-    with pytest.warns(UserWarning, match="5 of the reference's 150 genes"):
+    with warns_naming(
+        UserWarning, "5 of the reference's 150 genes", "missing from the query", "filled with zeros"
+    ):
         prepared = HistoVI.prepare_query_anndata(query, model)
     assert list(prepared.var_names) == list(ref.var_names)
     assert np.isnan(prepared.obsm["X_morphology"]).all()
@@ -234,9 +236,19 @@ def test_query_refused_on_encoder_mismatch(small_adata):
         "encoder": "resnet50",
         "tile_size_um": 100.0,
     }
-    with pytest.raises(ValueError, match="encoder"):
+    with raises_naming(
+        ValueError,
+        "encoder='resnet50'",
+        "'stain-texture'",
+        "histovi.pp.embed_morphology(query, reference=",
+    ):
         HistoVI.prepare_query_anndata(query, model)
-    with pytest.raises(ValueError, match="encoder"):
+    with raises_naming(
+        ValueError,
+        "encoder='resnet50'",
+        "'stain-texture'",
+        "histovi.pp.embed_morphology(query, reference=",
+    ):
         HistoVI.load_query_data(query, model)
 
 
@@ -244,14 +256,20 @@ def test_query_morphology_width_mismatch(small_adata):
     ref, query = _split(small_adata, ["P2_S2"])
     model = _trained(ref)
     query.obsm["X_morphology"] = query.obsm["X_morphology"][:, :5]
-    with pytest.raises(ValueError, match="columns"):
+    with raises_naming(
+        ValueError,
+        "obsm['X_morphology']",
+        "5 columns",
+        "8",
+        "histovi.pp.embed_morphology(query, reference=",
+    ):
         HistoVI.prepare_query_anndata(query, model)
 
 
 def test_unknown_category_without_load_query_data(small_adata):
     ref, query = _split(small_adata, ["P2_S2"])
     model = _trained(ref)
-    with pytest.raises(ValueError, match="P2_S2|categor"):
+    with raises_naming(ValueError, "P2_S2", "extend_categories"):  # scvi-tools' message
         model.get_latent_representation(query)
 
 
@@ -265,24 +283,28 @@ def test_bad_counts(small_adata):
     ):
         adata = small_adata.copy()
         adata.layers["counts"] = sp.csr_matrix(transform(adata.layers["counts"].toarray()))
-        with pytest.raises(ValueError, match=match):
+        with raises_naming(ValueError, "layers['counts']", match, "raw counts", "layer="):
             _setup(adata)
     adata = small_adata.copy()
     dense = adata.layers["counts"].toarray()
     dense[0, 0] = np.nan
     adata.layers["counts"] = dense
-    with pytest.raises(ValueError, match="NaN"):
+    with raises_naming(ValueError, "layers['counts']", "NaN or inf", "raw", "layer="):
         _setup(adata)
 
 
 def test_missing_keys(small_adata):
-    with pytest.raises(KeyError, match="layers\\['raw'\\]"):
+    with raises_naming(KeyError, "layers['raw']", "layer=", "layer=None"):
         _setup(small_adata, layer="raw")
-    with pytest.raises(KeyError, match="obs\\['slide'\\]"):
+    with raises_naming(KeyError, "obs['slide']", "batch_key="):
         _setup(small_adata, batch_key="slide")
-    with pytest.raises(KeyError, match="embed_morphology"):
+    with raises_naming(
+        KeyError, "obsm['X_uni']", "histovi.pp.embed_morphology", "morphology_key=None"
+    ):
         _setup(small_adata, morphology_key="X_uni")
-    with pytest.raises(KeyError, match="spatial_neighbors"):
+    with raises_naming(
+        KeyError, "obsm['nbrs']", "histovi.pp.spatial_neighbors", "neighbors_key=None"
+    ):
         _setup(small_adata, neighbors_key="nbrs")
 
 
@@ -291,14 +313,16 @@ def test_bad_morphology(small_adata):
     m = adata.obsm["X_morphology"].copy()
     m[0, 0] = np.inf
     adata.obsm["X_morphology"] = m
-    with pytest.raises(ValueError, match="inf"):
+    with raises_naming(ValueError, "obsm['X_morphology']", "inf", "recompute the embedding"):
         _setup(adata)
     m[0, 0] = np.nan
     adata.obsm["X_morphology"] = m
-    with pytest.raises(ValueError, match="some but not all"):
+    with raises_naming(ValueError, "obsm['X_morphology']", "1 rows", "complete or entirely NaN"):
         _setup(adata)
     adata.obsm["X_morphology"] = np.full_like(m, np.nan)
-    with pytest.raises(ValueError, match="every spot"):
+    with raises_naming(
+        ValueError, "obsm['X_morphology']", "NaN for every spot", "morphology_key=None"
+    ):
         _setup(adata)
 
 
@@ -307,30 +331,42 @@ def test_bad_neighbours(small_adata):
     nbrs = adata.obsm["spatial_neighbors"].copy()
     nbrs[0, 0] = adata.n_obs + 5
     adata.obsm["spatial_neighbors"] = nbrs
-    with pytest.raises(ValueError, match="outside"):
+    with raises_naming(
+        ValueError,
+        "obsm['spatial_neighbors']",
+        "[0, 400)",
+        "another AnnData",
+        "histovi.pp.spatial_neighbors",
+    ):
         _setup(adata)
     nbrs = small_adata.obsm["spatial_neighbors"].copy()
     nbrs[0, 0] = adata.n_obs - 1  # a spot of the last sample
     adata.obsm["spatial_neighbors"] = nbrs
-    with pytest.raises(ValueError, match="another sample"):
+    with raises_naming(
+        ValueError, "obsm['spatial_neighbors']", "another sample", "histovi.pp.spatial_neighbors"
+    ):
         _setup(adata)
     # subsetting after computing neighbours is detected
     sub = small_adata[small_adata.obs["sample"] != "P1_S1"].copy()
-    with pytest.raises(ValueError, match="outside|different set"):
+    with raises_naming(
+        ValueError, "obsm['spatial_neighbors']", "subset", "histovi.pp.spatial_neighbors"
+    ):
         _setup(sub)
 
 
 def test_spatial_neighbors_checks(small_adata):
     adata = small_adata[:105].copy()  # second sample keeps 5 spots
-    with pytest.raises(ValueError, match="at most n_neighbors=6"):
+    with raises_naming(
+        ValueError, "obs['sample']", "'P1_S2': 5", "n_neighbors=6", "lower n_neighbors"
+    ):
         histovi.pp.spatial_neighbors(adata, sample_key="sample")
     adata = small_adata.copy()
     xy = adata.obsm["spatial"].copy()
     xy[3] = np.nan
     adata.obsm["spatial"] = xy
-    with pytest.raises(ValueError, match="NaN"):
+    with raises_naming(ValueError, "obsm['spatial']", "NaN/inf", "remove those spots"):
         histovi.pp.spatial_neighbors(adata)
-    with pytest.raises(KeyError, match="obsm\\['coords'\\]"):
+    with raises_naming(KeyError, "obsm['coords']", "spatial_key="):
         histovi.pp.spatial_neighbors(small_adata, spatial_key="coords")
 
 
@@ -381,7 +417,7 @@ def test_extra_embedding_views_and_missing_view_in_query(small_adata):
     # the view's expert is trained (it receives gradients from the fused posterior)
     assert not torch.equal(init, model.module.view_encoders["fm"].mean_encoder.weight.detach())
     assert HistoVI(adata, use_embeddings=False).module.view_names == ["morphology"]
-    with pytest.raises(ValueError, match="morphology_key"):
+    with raises_naming(ValueError, "'morphology'", "embedding_keys", "morphology_key="):
         _setup(adata, embedding_keys={"morphology": "X_fm"})
     # a query without the FM view still maps, with the views it has
     ref, query = _split(adata, ["P2_S2"])
@@ -389,7 +425,7 @@ def test_extra_embedding_views_and_missing_view_in_query(small_adata):
     ref_model = HistoVI(ref, n_latent=4, n_hidden=32)
     ref_model.train(**TRAIN)
     del query.obsm["X_fm"]
-    with pytest.warns(UserWarning, match="fm"):
+    with warns_naming(UserWarning, "obsm['X_fm']", "'fm' view", "treated as missing"):
         prepared = HistoVI.prepare_query_anndata(query, ref_model)
     qmodel = HistoVI.load_query_data(prepared, ref_model)
     qmodel.train(**TRAIN)

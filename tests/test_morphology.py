@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _messages import raises_naming, warns_naming
 
 from histovi.datasets._images import draw_he_images
 from histovi.pp import embed_morphology
@@ -119,7 +120,7 @@ def test_missing_image_gives_nan_rows_and_warning(he_adata):
     adata = _fresh(he_adata)
     adata.uns["spatial"] = {k: dict(v) for k, v in adata.uns["spatial"].items()}
     del adata.uns["spatial"]["s2"]["images"]
-    with pytest.warns(UserWarning, match="s2"):
+    with warns_naming(UserWarning, "'s2'", "no image", "obsm['X_morphology']"):
         embed_morphology(adata, **FAST)
     s2 = (adata.obs["sample"] == "s2").to_numpy()
     assert np.isnan(adata.obsm["X_morphology"][s2]).all()
@@ -134,7 +135,7 @@ def test_no_image_at_all_is_refused(he_adata):
     }
     with (
         pytest.warns(UserWarning),
-        pytest.raises(ValueError, match="no section has a usable image"),
+        raises_naming(ValueError, "uns['spatial']", "no section has a usable image", "image_dir="),
     ):
         embed_morphology(adata, **FAST)
 
@@ -179,13 +180,21 @@ def test_local_weights_file_loads_identically(he_adata, tmp_path):
     np.testing.assert_allclose(
         a1.obsm["X_morphology"], a3.obsm["X_morphology"], rtol=1e-5, atol=1e-6
     )
-    with pytest.raises(ValueError, match="checkpoint_path"):
+    with raises_naming(
+        ValueError,
+        "bare.pth",
+        "without its architecture",
+        "encoder='<timm name>'",
+        "checkpoint_path=",
+    ):
         torch.save(model.state_dict(), tmp_path / "bare.pth")
         embed_morphology(adata, str(tmp_path / "bare.pth"), copy=True, **kw)
 
 
 def test_bad_encoder_name_is_refused(he_adata):
-    with pytest.raises(ValueError, match="not a timm model name"):
+    with raises_naming(
+        ValueError, "encoder='no_such_model_xyz'", "timm.list_models()", "'stain-texture'"
+    ):
         embed_morphology(_fresh(he_adata), "no_such_model_xyz", pretrained=False, **FAST)
 
 
@@ -210,7 +219,8 @@ def test_query_reuses_reference_settings(he_adata, tmp_path, method):
         {"n_components": 3},
         {"stain_normalization": "reinhard" if method == "macenko" else "macenko"},
     ):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+        name = next(iter(bad))
+        with raises_naming(ValueError, f"{name}=", "differs from the reference", f"drop {name}="):
             embed_morphology(_fresh(he_adata), reference=rec, progress=False, **bad)
 
 
@@ -224,7 +234,7 @@ def test_query_with_different_weights_is_refused(he_adata):
     embed_morphology(small, m1, **kw)
     torch.manual_seed(1)
     m2 = timm.create_model("test_convnext", pretrained=False, num_classes=0)
-    with pytest.raises(ValueError, match="weights"):
+    with raises_naming(ValueError, "encoder weights", "reference's", "same weights"):
         embed_morphology(
             small.copy(),
             m2,
@@ -284,7 +294,10 @@ def test_image_file_layout_png_and_tiff(he_adata, tmp_path):
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path.parent)
-        with pytest.warns(UserWarning, match="not found"), pytest.raises(ValueError):
+        with (
+            warns_naming(UserWarning, "'s1'", "'s2'", "not found", "image_dir="),
+            pytest.raises(ValueError),
+        ):
             embed_morphology(_fresh(files), **FAST)
     finally:
         os.chdir(cwd)
@@ -429,14 +442,14 @@ def test_checkpoint_dir_resumes_after_an_interruption(tmp_path, monkeypatch, kwa
     with_image = [s for s, e in adata.uns["spatial"].items() if "images" in e]
     assert len(with_image) == 3  # the last section has no image (NaN rows)
     full = adata.copy()
-    with pytest.warns(UserWarning, match="no image"):
+    with warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"):
         embed_morphology(full, **FAST, **kwargs)
 
     ckpt = tmp_path / "ckpt"
     first = adata.copy()
     with monkeypatch.context() as m:
         saved = _interrupt_after(m, 2)
-        with pytest.warns(UserWarning, match="no image"), pytest.raises(_Interrupted):
+        with warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"), pytest.raises(_Interrupted):
             embed_morphology(first, checkpoint_dir=ckpt, **FAST, **kwargs)
     assert saved == with_image[:2]
     assert len(list(ckpt.glob("section_*.npz"))) == 2
@@ -446,7 +459,7 @@ def test_checkpoint_dir_resumes_after_an_interruption(tmp_path, monkeypatch, kwa
     resumed = adata.copy()
     with monkeypatch.context() as m:
         read = _embedded_sections(m)
-        with pytest.warns(UserWarning, match="no image"):
+        with warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"):
             embed_morphology(resumed, checkpoint_dir=ckpt, **FAST, **kwargs)
     assert read == with_image[2:]  # the saved sections' images were not read again
     np.testing.assert_array_equal(resumed.obsm["X_morphology"], full.obsm["X_morphology"])
@@ -460,7 +473,7 @@ def test_checkpoint_dir_resumes_after_an_interruption(tmp_path, monkeypatch, kwa
     again = adata.copy()
     with monkeypatch.context() as m:
         read = _embedded_sections(m)
-        with pytest.warns(UserWarning, match="no image"):
+        with warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"):
             embed_morphology(again, checkpoint_dir=ckpt, **FAST, **kwargs)
     assert read == []
     np.testing.assert_array_equal(again.obsm["X_morphology"], full.obsm["X_morphology"])
@@ -469,15 +482,29 @@ def test_checkpoint_dir_resumes_after_an_interruption(tmp_path, monkeypatch, kwa
 def test_checkpoint_dir_refuses_other_settings(tmp_path):
     adata = _simulated_with_images()
     ckpt = tmp_path / "ckpt"
-    with pytest.warns(UserWarning, match="no image"):
+    with warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"):
         embed_morphology(adata.copy(), checkpoint_dir=ckpt, **FAST)
     other = {**FAST, "tile_size_um": 80.0}
-    with pytest.warns(UserWarning, match="no image"), pytest.raises(ValueError, match="tile_px"):
+    with (
+        warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"),
+        raises_naming(
+            ValueError, "checkpoint_dir", "tile_px", "another checkpoint_dir", "delete that folder"
+        ),
+    ):
         embed_morphology(adata.copy(), checkpoint_dir=ckpt, **other)
     # other spots under the same section name
     moved = adata.copy()
     moved.obsm["spatial"] = moved.obsm["spatial"] + 3.0
-    with pytest.warns(UserWarning, match="no image"), pytest.raises(ValueError, match="centres"):
+    with (
+        warns_naming(UserWarning, "'P2_S2'", "no image", "NaN"),
+        raises_naming(
+            ValueError,
+            "checkpoint_dir",
+            "spot_centres",
+            "another checkpoint_dir",
+            "delete that folder",
+        ),
+    ):
         embed_morphology(moved, checkpoint_dir=ckpt, **FAST)
 
 

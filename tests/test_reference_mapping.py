@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+from _messages import raises_naming, warns_naming
 from conftest import TINY_STUDY
 
 import histovi
@@ -118,7 +119,9 @@ def test_gene_alignment_values(study, reference):
         uns=dict(query.uns),
     )
     q.layers["counts"] = counts
-    with pytest.warns(UserWarning, match="7 of the reference's 150 genes are missing"):
+    with warns_naming(
+        UserWarning, "7 of the reference's 150 genes", "missing from the query", "filled with zeros"
+    ):
         prepared = HistoVI.prepare_query_anndata(q, reference)
     ref_genes = reference.adata.var_names
     assert list(prepared.var_names) == list(ref_genes)
@@ -137,7 +140,9 @@ def test_query_without_or_with_partial_morphology(study, reference):
     # no morphology at all: the query model uses the reference's view scaling, not zeros
     q = query.copy()
     del q.obsm["X_morphology"]
-    with pytest.warns(UserWarning, match="no adata.obsm\\['X_morphology'\\]"):
+    with warns_naming(
+        UserWarning, "obsm['X_morphology']", "'morphology' view", "treated as missing"
+    ):
         _, qmodel = _map(q, reference, epochs=2)
     for name in ("_view_mean_morphology", "_view_std_morphology"):
         assert torch.equal(qmodel.module.state_dict()[name], reference.module.state_dict()[name])
@@ -179,7 +184,7 @@ def test_query_refused_on_morphology_record_mismatch(
     )
     q = query.copy()
     q.uns.setdefault("histovi", {})["morphology"] = {"encoder": "uni", field: query_value}
-    with pytest.raises(ValueError, match=f"{field}.*embed_morphology"):
+    with raises_naming(ValueError, field, "histovi.pp.embed_morphology(query, reference="):
         HistoVI.prepare_query_anndata(q, reference)
     # the same record passes
     q.uns["histovi"]["morphology"] = {"encoder": "uni", field: ref_value}
@@ -209,19 +214,33 @@ def test_reference_from_saved_folder(study, reference, tmp_path, monkeypatch):
     record = {**reference.histovi_setup_, "morphology_record": {"encoder": "stain-texture"}}
     monkeypatch.setattr(reference, "histovi_setup_", record)
     reference.save(str(tmp_path / "ref2"), save_anndata=False)
-    with pytest.raises(ValueError, match="encoder"):
+    with raises_naming(
+        ValueError,
+        "encoder='resnet50'",
+        "'stain-texture'",
+        "histovi.pp.embed_morphology(query, reference=",
+    ):
         HistoVI.prepare_query_anndata(q, str(tmp_path / "ref2"))
-    with pytest.raises(ValueError, match="encoder"):
+    with raises_naming(
+        ValueError,
+        "encoder='resnet50'",
+        "'stain-texture'",
+        "histovi.pp.embed_morphology(query, reference=",
+    ):
         HistoVI.load_query_data(q, str(tmp_path / "ref2"))
 
 
 def test_bad_reference_argument(study, reference):
     _, query = study
-    with pytest.raises(TypeError, match="reference_model"):
+    with raises_naming(
+        TypeError, "reference_model", "trained HistoVI", "folder of a saved HistoVI"
+    ):
         HistoVI.prepare_query_anndata(query, 42)
     bad = query.copy()
     bad.var_names = [f"other_{i}" for i in range(bad.n_vars)]
-    with pytest.raises(ValueError, match="same gene identifiers"):
+    with raises_naming(
+        ValueError, "var_names", "none of the reference's genes", "same gene identifiers"
+    ):
         HistoVI.prepare_query_anndata(bad, reference)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from _messages import raises_naming
 from scipy.spatial import cKDTree
 
 from histovi.datasets import LAYERS, simulate, simulate_layers
@@ -204,13 +205,15 @@ def test_layers_with_images():
 
 
 def test_layers_refuse_bad_arguments():
-    with pytest.raises(ValueError, match="n_sections_per_patient"):
+    with raises_naming(
+        ValueError, "n_sections_per_patient=(1, 2, 3)", "n_patients=2", "one number per donor"
+    ):
         simulate_layers(n_patients=2, n_sections_per_patient=(1, 2, 3))
-    with pytest.raises(ValueError, match="grid_size"):
+    with raises_naming(ValueError, "grid_size=(5, 30)", "at least (8, 8)"):
         simulate_layers(grid_size=(5, 30))
-    with pytest.raises(ValueError, match="layer_thickness"):
+    with raises_naming(ValueError, "layer_thickness", "7 positive numbers"):
         simulate_layers(layer_thickness=(1, 2, 3))
-    with pytest.raises(ValueError, match="n_genes"):
+    with raises_naming(ValueError, "n_genes=50", "at least"):
         simulate_layers(n_genes=50, n_markers=5)
 
 
@@ -219,7 +222,7 @@ def test_textures_must_name_every_texture_key():
 
     adata = simulate(n_patients=1, n_sections_per_patient=1, grid_size=(8, 8), n_genes=125,
                      n_markers=5, morphology_dim=4)  # fmt: skip
-    with pytest.raises(ValueError, match="exactly the keys"):
+    with raises_naming(ValueError, "textures['tumour']", "exactly the keys", "'vacuoles'"):
         draw_he_images(adata, textures={"tumour": {"eosin": 0.5}})
 
 
@@ -284,5 +287,5 @@ def test_morphology_gradient_misleads_within_sections_only():
         design = np.c_[xy, np.ones(len(xy))]
         fitted = design @ np.linalg.lstsq(design, d[:, top], rcond=None)[0]
         assert np.corrcoef(fitted, d[:, top])[0, 1] > 0.999  # linear in position
-    with pytest.raises(ValueError, match="morphology_gradient"):
+    with raises_naming(ValueError, "morphology_gradient=-1.0", ">= 0"):
         simulate(**kwargs, morphology_gradient=-1.0)

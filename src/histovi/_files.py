@@ -1,30 +1,48 @@
-"""Atomic file writes: a crash while writing leaves the previous file (or none), never half of one."""
+"""Files: atomic writes (a crash while writing leaves the previous file, or none, never half of
+one), values made storable in h5ad or JSON, and reading that accepts regular files only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------- writing files
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` (``.<name>.<random>.tmp``) to write to; once the
+    block ends the file is flushed to disk and renamed to ``path``. On an error the temporary
+    file is removed and ``path`` keeps its previous content (or stays absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def fsync_file(path) -> None:
+    """Flush ``path``'s content to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(folder) -> None:
@@ -39,6 +57,44 @@ def fsync_dir(folder) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------- storable values
+def storable(value: Any, *, json: bool = False) -> Any:
+    """``value`` as a tree of types that an AnnData's ``uns`` written to h5ad (default) or a JSON
+    file (``json=True``) can hold: mappings get string keys and numpy scalars become Python
+    numbers. For h5ad, ``None`` entries of mappings are dropped (h5ad cannot hold ``None``) and
+    lists and tuples become numpy arrays (object arrays when they hold strings only); for JSON,
+    arrays, lists and tuples become lists and ``None`` is kept."""
+    if isinstance(value, Mapping):
+        return {str(k): storable(v, json=json) for k, v in value.items() if json or v is not None}
+    if isinstance(value, np.generic):
+        return value.item()
+    if json:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, list | tuple):
+            return [storable(v, json=True) for v in value]
+        return value
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, str) for v in value):
+            return np.asarray(value, dtype=object)
+        return np.asarray(value)
+    return value
+
+
+def record_uns(adata, name: str, settings: Mapping[str, Any], *, key: str | None = None) -> None:
+    """Store ``settings`` (made :func:`storable`) as ``adata.uns['histovi'][name]``, or as
+    ``adata.uns['histovi'][name][key]`` when ``key`` is given (one record per output key)."""
+    from ._constants import UNS_KEY
+
+    if not isinstance(adata.uns.get(UNS_KEY), dict):
+        adata.uns[UNS_KEY] = {}
+    uns = adata.uns[UNS_KEY]
+    if key is None:
+        uns[name] = storable(settings)
+    else:
+        uns.setdefault(name, {})[key] = storable(settings)
 
 
 # ---------------------------------------------------------------------------- reading files

@@ -256,6 +256,33 @@ def draw_he_images(
     dom_code = pd.Categorical(
         dom.astype(str) if not isinstance(dom.dtype, pd.CategoricalDtype) else dom, categories=cats
     ).codes
+    domain_textures = _domain_textures(cats, seed, textures)
+    samples = adata.obs[sample_key].astype(str).to_numpy()
+    scalef = um_per_px_fullres / hires_um_per_px
+    px_um = hires_um_per_px
+    out: dict[str, dict[str, Any]] = {}
+    for s_idx, sample in enumerate(pd.unique(samples)):
+        rng = np.random.default_rng([seed, s_idx, 11])
+        rows = np.flatnonzero(samples == sample)
+        xy_um = xy_all[rows] * um_per_px_fullres
+        img = _draw_section(
+            xy_um, dom_code[rows], domain_textures, px_um, tissue_margin_um, batch_strength, rng
+        )
+        out[str(sample)] = {
+            "images": {"hires": img},
+            "scalefactors": {
+                "tissue_hires_scalef": float(scalef),
+                "spot_diameter_fullres": float(spot_diameter_um / um_per_px_fullres),
+                "um_per_px_fullres": float(um_per_px_fullres),
+            },
+            "metadata": {"source": "histovi.datasets.draw_he_images", "seed": int(seed)},
+        }
+    return out
+
+
+def _domain_textures(cats, seed: int, textures) -> list[dict[str, float]]:
+    """The texture of each domain category: chosen by name (:func:`_assign_textures`), or as
+    given in ``textures`` (domain -> dict with exactly the keys of :data:`DOMAIN_TEXTURES`)."""
     domain_textures = _assign_textures([str(c) for c in cats], seed)
     if textures_by_name := dict(textures or {}):
         keys = set(DOMAIN_TEXTURES[0])
@@ -269,73 +296,62 @@ def draw_he_images(
             dict(textures_by_name[str(c)]) if str(c) in textures_by_name else t
             for c, t in zip(cats, domain_textures, strict=True)
         ]
-    samples = adata.obs[sample_key].astype(str).to_numpy()
-    scalef = um_per_px_fullres / hires_um_per_px
-    px_um = hires_um_per_px
-    out: dict[str, dict[str, Any]] = {}
-    for s_idx, sample in enumerate(pd.unique(samples)):
-        rng = np.random.default_rng([seed, s_idx, 11])
-        rows = np.flatnonzero(samples == sample)
-        xy_um = xy_all[rows] * um_per_px_fullres
-        tree = cKDTree(xy_um)
-        if tissue_margin_um is None:
-            d, _ = tree.query(xy_um, k=2) if len(rows) > 1 else (np.array([[0, 100.0]]), None)
-            margin = 0.9 * float(np.median(d[:, 1]))
-        else:
-            margin = float(tissue_margin_um)
-        w = int(np.ceil((xy_um[:, 0].max() + 2 * margin) / px_um))
-        h = int(np.ceil((xy_um[:, 1].max() + 2 * margin) / px_um))
-        # domain map: nearest spot of each 4 µm cell (Voronoi), upsampled to the image grid
-        f = max(int(round(4.0 / px_um)), 1)
-        gy, gx = np.mgrid[0 : -(-h // f), 0 : -(-w // f)]
-        dist, nn = tree.query(np.c_[(gx.ravel() + 0.5) * f * px_um, (gy.ravel() + 0.5) * f * px_um])
-        dist = np.repeat(np.repeat(dist.reshape(gy.shape), f, 0), f, 1)[:h, :w]
-        nn = np.repeat(np.repeat(nn.reshape(gy.shape), f, 0), f, 1)[:h, :w]
-        # ragged tissue edge: the margin wobbles with smooth noise (never below the hex
-        # grid's covering radius, 0.58 x spacing, so no holes open between spots)
-        tissue = dist <= margin * (1 + 0.2 * np.tanh(_smooth_noise((h, w), 30 / px_um, rng)))
-        pix_dom = np.where(tissue, dom_code[rows][nn], -1)
+    return domain_textures
 
-        eos = np.zeros((h, w), np.float32)
-        hem = np.zeros((h, w), np.float32)
-        e_noise = 1 + 0.15 * _smooth_noise((h, w), 8 / px_um, rng)
-        for d_idx, t in enumerate(domain_textures):
-            m = pix_dom == d_idx
-            if not m.any():
-                continue
-            e_field = t["eosin"] * e_noise[m]
-            if t["fibres"] > 0:  # collagen fibres: noise stretched along one (random) axis
-                sig = (1.0, 8.0) if rng.random() < 0.5 else (8.0, 1.0)
-                fib = ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sig)
-                e_field = e_field * (1 + t["fibres"] * np.tanh(2 * fib[m] / (fib.std() + 1e-8)))
-            if t["vacuoles"] > 0:  # adipocytes: large empty cells, thin eosin membranes
-                vac = _blobs(m, t["vacuoles"], 24 / px_um, 1.1, px_um, rng)
-                e_field = e_field * (1 - 0.95 * vac[m])
-            eos[m] = e_field
-            nuc = _blobs(m, t["nuclei"], t["radius"] / px_um, t["elong"], px_um, rng)
-            hem[m] = nuc[m] * (1.1 + 0.15 * rng.standard_normal(m.sum()).astype(np.float32))
-        # per-section imaging: stain vectors drift, stain amounts and scanner brightness vary
-        bs = batch_strength
-        h_vec = _H_VEC + bs * rng.normal(0, 0.06, 3)
-        e_vec = _E_VEC + bs * rng.normal(0, 0.06, 3)
-        h_vec, e_vec = (np.abs(v) / np.linalg.norm(v) for v in (h_vec, e_vec))
-        h_amt, e_amt = 1 + bs * rng.normal(0, 0.12, 2)
-        od = (hem[..., None] * h_amt * h_vec + eos[..., None] * e_amt * e_vec * 0.6).astype(
-            np.float32
-        )
-        rgb = 245.0 * np.exp(-od) * (1 + bs * rng.normal(0, 0.03))
-        blur = abs(bs * rng.normal(0.5, 0.3))
-        if blur > 0.05:
-            rgb = ndimage.gaussian_filter(rgb, (blur, blur, 0))
-        rgb += rng.normal(0, 2.0, rgb.shape).astype(np.float32)
-        img = np.clip(rgb, 0, 255).astype(np.uint8)
-        out[str(sample)] = {
-            "images": {"hires": img},
-            "scalefactors": {
-                "tissue_hires_scalef": float(scalef),
-                "spot_diameter_fullres": float(spot_diameter_um / um_per_px_fullres),
-                "um_per_px_fullres": float(um_per_px_fullres),
-            },
-            "metadata": {"source": "histovi.datasets.draw_he_images", "seed": int(seed)},
-        }
-    return out
+
+def _draw_section(
+    xy_um, codes, domain_textures, px_um: float, tissue_margin_um, batch_strength: float, rng
+) -> np.ndarray:
+    """The RGB uint8 image of one section with spots at ``xy_um`` of domain ``codes``: tissue
+    around the spots (a ragged edge), each domain's texture of eosin, nuclei, fibres and
+    vacuoles, then the section's stain, brightness and focus variation."""
+    tree = cKDTree(xy_um)
+    if tissue_margin_um is None:
+        d, _ = tree.query(xy_um, k=2) if len(xy_um) > 1 else (np.array([[0, 100.0]]), None)
+        margin = 0.9 * float(np.median(d[:, 1]))
+    else:
+        margin = float(tissue_margin_um)
+    w = int(np.ceil((xy_um[:, 0].max() + 2 * margin) / px_um))
+    h = int(np.ceil((xy_um[:, 1].max() + 2 * margin) / px_um))
+    # domain map: nearest spot of each 4 µm cell (Voronoi), upsampled to the image grid
+    f = max(int(round(4.0 / px_um)), 1)
+    gy, gx = np.mgrid[0 : -(-h // f), 0 : -(-w // f)]
+    dist, nn = tree.query(np.c_[(gx.ravel() + 0.5) * f * px_um, (gy.ravel() + 0.5) * f * px_um])
+    dist = np.repeat(np.repeat(dist.reshape(gy.shape), f, 0), f, 1)[:h, :w]
+    nn = np.repeat(np.repeat(nn.reshape(gy.shape), f, 0), f, 1)[:h, :w]
+    # ragged tissue edge: the margin wobbles with smooth noise (never below the hex
+    # grid's covering radius, 0.58 x spacing, so no holes open between spots)
+    tissue = dist <= margin * (1 + 0.2 * np.tanh(_smooth_noise((h, w), 30 / px_um, rng)))
+    pix_dom = np.where(tissue, codes[nn], -1)
+
+    eos = np.zeros((h, w), np.float32)
+    hem = np.zeros((h, w), np.float32)
+    e_noise = 1 + 0.15 * _smooth_noise((h, w), 8 / px_um, rng)
+    for d_idx, t in enumerate(domain_textures):
+        m = pix_dom == d_idx
+        if not m.any():
+            continue
+        e_field = t["eosin"] * e_noise[m]
+        if t["fibres"] > 0:  # collagen fibres: noise stretched along one (random) axis
+            sig = (1.0, 8.0) if rng.random() < 0.5 else (8.0, 1.0)
+            fib = ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sig)
+            e_field = e_field * (1 + t["fibres"] * np.tanh(2 * fib[m] / (fib.std() + 1e-8)))
+        if t["vacuoles"] > 0:  # adipocytes: large empty cells, thin eosin membranes
+            vac = _blobs(m, t["vacuoles"], 24 / px_um, 1.1, px_um, rng)
+            e_field = e_field * (1 - 0.95 * vac[m])
+        eos[m] = e_field
+        nuc = _blobs(m, t["nuclei"], t["radius"] / px_um, t["elong"], px_um, rng)
+        hem[m] = nuc[m] * (1.1 + 0.15 * rng.standard_normal(m.sum()).astype(np.float32))
+    # per-section imaging: stain vectors drift, stain amounts and scanner brightness vary
+    bs = batch_strength
+    h_vec = _H_VEC + bs * rng.normal(0, 0.06, 3)
+    e_vec = _E_VEC + bs * rng.normal(0, 0.06, 3)
+    h_vec, e_vec = (np.abs(v) / np.linalg.norm(v) for v in (h_vec, e_vec))
+    h_amt, e_amt = 1 + bs * rng.normal(0, 0.12, 2)
+    od = (hem[..., None] * h_amt * h_vec + eos[..., None] * e_amt * e_vec * 0.6).astype(np.float32)
+    rgb = 245.0 * np.exp(-od) * (1 + bs * rng.normal(0, 0.03))
+    blur = abs(bs * rng.normal(0.5, 0.3))
+    if blur > 0.05:
+        rgb = ndimage.gaussian_filter(rgb, (blur, blur, 0))
+    rgb += rng.normal(0, 2.0, rgb.shape).astype(np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)

@@ -27,19 +27,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 
 from ._simulate import (
-    _assemble,
     _attach_images,
+    _check_grid,
+    _fm_view,
     _hex_grid,
-    _jitter_coords,
     _mix_with_ring,
     _neighbour_ring,
-    _scalefactors,
     _section_counts,
     _section_morphology,
+    _Study,
 )
 
 LAYERS = ("L1", "L2", "L3", "L4", "L5", "L6", "WM")
@@ -255,6 +254,62 @@ def simulate_layers(
     ``var['marker_of']`` (the layer a gene marks, or ``"none"``);
     ``uns['spatial'][sample]['scalefactors']``.
     """
+    sections = _sections_per_donor(n_patients, n_sections_per_patient)
+    thickness = _check_layers(
+        grid_size, n_genes, n_markers, n_depth_programmes, layer_thickness, partial_sections
+    )
+    n_layers = len(LAYERS)
+    rng = np.random.default_rng(seed)
+    cortex = _Cortex(
+        rng, n_genes, n_depth_programmes, depth_effect, n_markers, marker_lfc, morphology_dim
+    )
+    fm_rng = np.random.default_rng([seed, 7])
+    fm_dim = int(expression_embedding_dim)
+    fm_proj = fm_rng.normal(0, 1.0, (n_depth_programmes + n_layers, max(fm_dim, 1)))
+
+    grid = _hex_grid(*grid_size)
+    study = _Study(sum(sections), sections_without_image)
+    for p, n_sec in enumerate(sections):
+        patient = f"P{p + 1}"
+        donor_thickness = thickness * np.exp(rng.normal(0, 0.1, n_layers))
+        bounds = _layer_bounds(donor_thickness / donor_thickness.sum())
+        patient_shift = rng.normal(0, patient_effect, n_genes)
+        fm_patient_shift = fm_rng.normal(0, 0.5, max(fm_dim, 1))
+        for s in range(n_sec):
+            xy, depth = _section_spots(grid, s, bounds, partial_sections, curvature, rng)
+            layer = np.searchsorted(bounds, depth, side="right")
+            ring = _neighbour_ring(xy)
+            # Expression: smooth depth profiles + weak markers, mixed with the ring of neighbours.
+            phi = cortex.programmes(depth)
+            rates = cortex.rates(phi, layer)
+            if spot_mixing > 0:
+                rates = _mix_with_ring(rates, ring, spot_mixing)
+            fm = None
+            if fm_dim:
+                feats = np.hstack([phi, marker_lfc * np.eye(n_layers)[layer]])
+                fm = _fm_view(feats, ring, spot_mixing, fm_proj, fm_patient_shift, fm_rng)
+            counts = _section_counts(
+                rates, patient_shift, section_effect, library_size, dispersion, rng
+            )
+            # Morphology: weak depth features + spot noise, then the section's stain effect.
+            m = _section_morphology(
+                cortex.morphology(depth, bounds, morphology_signal),
+                morphology_batch_effect,
+                morphology_scale_effect,
+                rng,
+            )
+            columns = {"domain": np.asarray(LAYERS, dtype=object)[layer], "depth": depth}
+            study.add(f"{patient}_S{s + 1}", patient, columns, counts, m, xy, rng, fm)
+
+    record = {"simulator": "simulate_layers", "seed": seed, "layers": list(LAYERS)}
+    record["layer_thickness"] = thickness.tolist()
+    adata = study.assemble(LAYERS, n_genes, cortex.markers, LAYERS, record)
+    if with_images:
+        _attach_images(adata, study.without_image, seed, textures=LAYER_TEXTURES)
+    return adata
+
+
+def _sections_per_donor(n_patients, n_sections_per_patient) -> list[int]:
     if n_patients < 1:
         raise ValueError("n_patients must be at least 1.")
     if isinstance(n_sections_per_patient, (int, np.integer)):
@@ -268,8 +323,14 @@ def simulate_layers(
             )
     if min(sections) < 1:
         raise ValueError("n_sections_per_patient must be at least 1 for every donor.")
-    if min(grid_size) < 8:
-        raise ValueError(f"grid_size={grid_size} is too small: use at least (8, 8) spots.")
+    return sections
+
+
+def _check_layers(
+    grid_size, n_genes, n_markers, n_depth_programmes, layer_thickness, partial_sections
+) -> np.ndarray:
+    """The layer thicknesses (normalised to sum to 1), after checking the study's layout."""
+    _check_grid(grid_size)
     n_layers = len(LAYERS)
     if n_genes < 2 * n_layers * n_markers:
         raise ValueError(
@@ -282,115 +343,61 @@ def simulate_layers(
         raise ValueError(
             f"layer_thickness needs {n_layers} positive numbers, got {layer_thickness}."
         )
-    thickness = thickness / thickness.sum()
     if not 0 <= partial_sections <= 1:
         raise ValueError(f"partial_sections={partial_sections} must be a probability.")
+    return thickness / thickness.sum()
 
-    rng = np.random.default_rng(seed)
-    # Genes: a baseline, smooth depth profiles and weak layer markers (log-rates).
-    baseline = rng.normal(0, 1.0, n_genes)
-    centres = np.linspace(0, 1, n_depth_programmes)
-    width = 0.5 / (n_depth_programmes - 1)
-    loadings = rng.normal(0, depth_effect, (n_genes, n_depth_programmes))
-    markers = rng.permutation(n_genes)[: n_layers * n_markers].reshape(n_layers, n_markers)
-    marker_lfcs = np.zeros((n_layers, n_genes))
-    for layer in range(n_layers):
-        marker_lfcs[layer, markers[layer]] = marker_lfc * rng.uniform(0.7, 1.3, n_markers)
-    # Morphology: three depth features along orthogonal directions of the embedding, each of
-    # root-mean-square 1 per dimension (as simulate()'s class means have sd 1 per dimension
-    # before scaling by the signal).
-    q = np.linalg.qr(rng.normal(size=(max(morphology_dim, 3), 3)))[0].T[:, :morphology_dim]
-    directions = q * np.sqrt(morphology_dim)
 
-    def programmes(d: np.ndarray) -> np.ndarray:
-        return np.exp(-((d[:, None] - centres) ** 2) / (2 * width**2))
+class _Cortex:
+    """What depth does to a spot of a layered study: its genes' log-rates (a baseline, smooth
+    depth profiles of Gaussian bumps over depth and weak layer markers) and its morphology
+    (three depth features along orthogonal directions of the embedding, each of root-mean-square
+    1 per dimension, as simulate()'s class means have sd 1 per dimension before the signal)."""
 
-    fm_rng = np.random.default_rng([seed, 7])
-    fm_dim = int(expression_embedding_dim)
-    fm_proj = fm_rng.normal(0, 1.0, (n_depth_programmes + n_layers, max(fm_dim, 1)))
-    fm = []
-
-    grid = _hex_grid(*grid_size)
-    counts, obs, coords, morph = [], [], [], []
-    uns_spatial = {}
-    without_image: list[str] = []
-    n_sections = sum(sections)
-    section_index = 0
-    for p, n_sec in enumerate(sections):
-        patient = f"P{p + 1}"
-        donor_thickness = thickness * np.exp(rng.normal(0, 0.1, n_layers))
-        bounds = _layer_bounds(donor_thickness / donor_thickness.sum())
-        patient_shift = rng.normal(0, patient_effect, n_genes)
-        fm_patient_shift = fm_rng.normal(0, 0.5, max(fm_dim, 1))
-        for s in range(n_sec):
-            sample = f"{patient}_S{s + 1}"
-            # Depth range of the section: the whole cortex (a little pia cut off), or part of it.
-            d_range = (rng.uniform(-0.06, 0.0), rng.uniform(0.95, 1.1))
-            kind = rng.random()
-            if s > 0 and kind < partial_sections / 2:  # starts below L1
-                d_range = (bounds[0] + rng.uniform(0.01, 0.04), d_range[1])
-            elif s > 0 and kind < partial_sections:  # stops just inside the white matter
-                d_range = (d_range[0], bounds[-1] + rng.uniform(0.02, 0.06))
-            depth = _section_depth(grid, d_range, curvature, rng)
-            keep = depth >= 0
-            xy, depth = grid[keep], np.clip(depth[keep], 0.0, 1.0)
-            layer = np.searchsorted(bounds, depth, side="right")
-            domain = np.asarray(LAYERS, dtype=object)[layer]
-            n = len(xy)
-            ring = _neighbour_ring(xy)
-
-            # Expression: smooth depth profiles + weak markers, mixed with the ring of neighbours.
-            phi = programmes(depth)
-            log_rates = baseline + phi @ loadings.T + marker_lfcs[layer]
-            rates = np.exp(log_rates - log_rates.max(1, keepdims=True))
-            rates /= rates.sum(1, keepdims=True)
-            if spot_mixing > 0:
-                rates = _mix_with_ring(rates, ring, spot_mixing)
-            if fm_dim:
-                feats = np.hstack([phi, marker_lfc * np.eye(n_layers)[layer]])
-                if spot_mixing > 0:
-                    feats = _mix_with_ring(feats, ring, spot_mixing)
-                e = feats @ fm_proj + fm_patient_shift + fm_rng.normal(0, 1.0, (n, fm_dim))
-                fm.append(e.astype(np.float32))
-            counts.append(
-                _section_counts(rates, patient_shift, section_effect, library_size, dispersion, rng)
+    def __init__(
+        self, rng, n_genes, n_depth_programmes, depth_effect, n_markers, marker_lfc, morph_dim
+    ):
+        n_layers = len(LAYERS)
+        self.baseline = rng.normal(0, 1.0, n_genes)
+        self.centres = np.linspace(0, 1, n_depth_programmes)
+        self.width = 0.5 / (n_depth_programmes - 1)
+        self.loadings = rng.normal(0, depth_effect, (n_genes, n_depth_programmes))
+        self.markers = rng.permutation(n_genes)[: n_layers * n_markers].reshape(n_layers, n_markers)
+        self.marker_lfcs = np.zeros((n_layers, n_genes))
+        for layer in range(n_layers):
+            self.marker_lfcs[layer, self.markers[layer]] = marker_lfc * rng.uniform(
+                0.7, 1.3, n_markers
             )
+        q = np.linalg.qr(rng.normal(size=(max(morph_dim, 3), 3)))[0].T[:, :morph_dim]
+        self.directions = q * np.sqrt(morph_dim)
 
-            # Morphology: weak depth features + spot noise, then the section's stain effect.
-            feats = np.column_stack(
-                [_depth_profile(depth, bounds, v) for v in (_DENSITY, _SOMA, _MYELIN)]
-            )
-            m = _section_morphology(
-                morphology_signal * feats @ directions,
-                morphology_batch_effect,
-                morphology_scale_effect,
-                rng,
-            )
-            if section_index >= n_sections - sections_without_image:
-                m[:] = np.nan
-                without_image.append(sample)
-            morph.append(m.astype(np.float32))
+    def programmes(self, depth: np.ndarray) -> np.ndarray:
+        return np.exp(-((depth[:, None] - self.centres) ** 2) / (2 * self.width**2))
 
-            coords.append(_jitter_coords(xy, rng))
-            obs.append(
-                pd.DataFrame(
-                    {"sample": sample, "patient": patient, "domain": domain, "depth": depth},
-                    index=[f"{sample}_{i}" for i in range(n)],
-                )
-            )
-            uns_spatial[sample] = {"scalefactors": _scalefactors()}
-            section_index += 1
+    def rates(self, phi: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """Relative expression rates of spots with depth programmes ``phi`` in ``layer``."""
+        log_rates = self.baseline + phi @ self.loadings.T + self.marker_lfcs[layer]
+        rates = np.exp(log_rates - log_rates.max(1, keepdims=True))
+        return rates / rates.sum(1, keepdims=True)
 
-    adata = _assemble(counts, obs, coords, morph, fm, LAYERS, n_genes, uns_spatial)
-    adata.var["marker_of"] = "none"
-    for layer in range(n_layers):
-        adata.var.iloc[markers[layer], adata.var.columns.get_loc("marker_of")] = LAYERS[layer]
-    adata.uns["histovi_simulation"] = {
-        "simulator": "simulate_layers",
-        "seed": seed,
-        "layers": list(LAYERS),
-        "layer_thickness": thickness.tolist(),
-    }
-    if with_images:
-        _attach_images(adata, without_image, seed, textures=LAYER_TEXTURES)
-    return adata
+    def morphology(self, depth: np.ndarray, bounds: np.ndarray, signal: float) -> np.ndarray:
+        """Mean morphology embedding of spots at ``depth`` (cell density, soma size, myelin)."""
+        feats = np.column_stack(
+            [_depth_profile(depth, bounds, v) for v in (_DENSITY, _SOMA, _MYELIN)]
+        )
+        return signal * feats @ self.directions
+
+
+def _section_spots(grid, s: int, bounds, partial_sections: float, curvature: float, rng):
+    """The spots of a donor's section ``s`` (those of ``grid`` below the pial surface) and
+    their depth in [0, 1]: the section spans the whole cortex (a little pia cut off), or (not
+    the donor's first) part of it, starting below L1 or stopping just inside the white matter."""
+    d_range = (rng.uniform(-0.06, 0.0), rng.uniform(0.95, 1.1))
+    kind = rng.random()
+    if s > 0 and kind < partial_sections / 2:  # starts below L1
+        d_range = (bounds[0] + rng.uniform(0.01, 0.04), d_range[1])
+    elif s > 0 and kind < partial_sections:  # stops just inside the white matter
+        d_range = (d_range[0], bounds[-1] + rng.uniform(0.02, 0.06))
+    depth = _section_depth(grid, d_range, curvature, rng)
+    keep = depth >= 0
+    return grid[keep], np.clip(depth[keep], 0.0, 1.0)

@@ -54,11 +54,18 @@ _MORPHOLOGY_CLASS = {
     "gland_in_situ": 4,
     "adipose": 5,
 }
+#: Names of the expression programmes (``var['marker_of']`` of their marker genes).
+_PROGRAMMES = ("tumour", "stroma", "immune", "gland", "adipose")
 # Domains absent from a patient, cycled over patients (patient 0 has every domain).
 _ABSENT_BY_PATIENT = ((), ("immune",), ("tumour", "stroma_adjacent"), ("adipose",))
 
 SPOT_SPACING_UM = 100.0  # Visium centre-to-centre distance
 SPOT_DIAMETER_UM = 55.0
+
+
+def _check_grid(grid_size) -> None:
+    if min(grid_size) < 8:
+        raise ValueError(f"grid_size={grid_size} is too small: use at least (8, 8) spots.")
 
 
 def _hex_grid(n_rows: int, n_cols: int) -> np.ndarray:
@@ -158,40 +165,79 @@ def _scalefactors() -> dict:
     return {"spot_diameter_fullres": SPOT_DIAMETER_UM, "um_per_px_fullres": 1.0}
 
 
-def _assemble(
-    counts: list,
-    obs: list[pd.DataFrame],
-    coords: list[np.ndarray],
-    morph: list[np.ndarray],
-    fm: list[np.ndarray],
-    domains: tuple[str, ...],
-    n_genes: int,
-    uns_spatial: dict,
-) -> AnnData:
-    """The simulators' AnnData: counts in ``X`` and ``layers['counts']``, categorical ``sample``,
-    ``patient`` and ``domain`` (categories in study / ``domains`` order, unused ones dropped),
-    ``obsm['spatial']``, ``obsm['X_morphology']`` and ``obsm['X_fm']`` when simulated."""
-    obs_df = pd.concat(obs)
-    for col, cats in (
-        ("sample", list(dict.fromkeys(obs_df["sample"]))),
-        ("patient", list(dict.fromkeys(obs_df["patient"]))),
-        ("domain", list(domains)),
-    ):
-        obs_df[col] = pd.Categorical(obs_df[col], categories=cats)
-    obs_df["domain"] = obs_df["domain"].cat.remove_unused_categories()
-    X = sp.vstack(counts).tocsr().astype(np.float32)
-    adata = AnnData(
-        X=X,
-        obs=obs_df,
-        var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)]),
-    )
-    adata.layers["counts"] = X.copy()
-    adata.obsm["spatial"] = np.vstack(coords)
-    adata.obsm["X_morphology"] = np.vstack(morph)
-    if fm:
-        adata.obsm["X_fm"] = np.vstack(fm)
-    adata.uns["spatial"] = uns_spatial
-    return adata
+def _fm_view(
+    feats: np.ndarray,
+    ring,
+    spot_mixing: float,
+    proj: np.ndarray,
+    shift: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """What an expression foundation model returns for the spots of one section: their
+    features (mixed with the ring of neighbours like the counts) projected, plus the patient's
+    shift and unit spot noise."""
+    if spot_mixing > 0:
+        feats = _mix_with_ring(feats, ring, spot_mixing)
+    e = feats @ proj + shift + rng.normal(0, 1.0, (len(feats), proj.shape[1]))
+    return e.astype(np.float32)
+
+
+class _Study:
+    """The sections of a simulated study, added one by one and assembled into the AnnData:
+    counts in ``X`` and ``layers['counts']``, categorical ``sample``, ``patient`` and ``domain``
+    (categories in study / ``domains`` order, unused ones dropped), ``obsm['spatial']``,
+    ``obsm['X_morphology']`` (NaN for the last ``sections_without_image`` sections) and
+    ``obsm['X_fm']`` when simulated, ``var['marker_of']``."""
+
+    def __init__(self, n_sections: int, sections_without_image: int):
+        self.first_without_image = n_sections - sections_without_image
+        self.counts, self.obs, self.coords, self.morph, self.fm = [], [], [], [], []
+        self.uns_spatial: dict = {}
+        self.without_image: list[str] = []
+
+    def add(self, sample, patient, columns: dict, counts, morph, xy, rng, fm=None) -> None:
+        """One section: its counts, morphology, spot grid (jittered here with ``rng``), obs
+        columns besides sample and patient, and foundation-model view."""
+        if len(self.obs) >= self.first_without_image:
+            morph[:] = np.nan
+            self.without_image.append(sample)
+        self.counts.append(counts)
+        self.morph.append(morph.astype(np.float32))
+        if fm is not None:
+            self.fm.append(fm)
+        self.coords.append(_jitter_coords(xy, rng))
+        self.obs.append(
+            pd.DataFrame(
+                {"sample": sample, "patient": patient, **columns},
+                index=[f"{sample}_{i}" for i in range(len(xy))],
+            )
+        )
+        self.uns_spatial[sample] = {"scalefactors": _scalefactors()}
+
+    def assemble(self, domains, n_genes: int, markers, marker_names, record: dict) -> AnnData:
+        obs_df = pd.concat(self.obs)
+        for col, cats in (
+            ("sample", list(dict.fromkeys(obs_df["sample"]))),
+            ("patient", list(dict.fromkeys(obs_df["patient"]))),
+            ("domain", list(domains)),
+        ):
+            obs_df[col] = pd.Categorical(obs_df[col], categories=cats)
+        obs_df["domain"] = obs_df["domain"].cat.remove_unused_categories()
+        X = sp.vstack(self.counts).tocsr().astype(np.float32)
+        adata = AnnData(
+            X=X, obs=obs_df, var=pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
+        )
+        adata.layers["counts"] = X.copy()
+        adata.obsm["spatial"] = np.vstack(self.coords)
+        adata.obsm["X_morphology"] = np.vstack(self.morph)
+        if self.fm:
+            adata.obsm["X_fm"] = np.vstack(self.fm)
+        adata.uns["spatial"] = self.uns_spatial
+        adata.var["marker_of"] = "none"
+        for genes, name in zip(markers, marker_names, strict=True):
+            adata.var.iloc[genes, adata.var.columns.get_loc("marker_of")] = name
+        adata.uns["histovi_simulation"] = record
+        return adata
 
 
 def _attach_images(
@@ -338,8 +384,7 @@ def simulate(
     """
     if n_patients < 1 or n_sections_per_patient < 1:
         raise ValueError("n_patients and n_sections_per_patient must be at least 1.")
-    if min(grid_size) < 8:
-        raise ValueError(f"grid_size={grid_size} is too small: use at least (8, 8) spots.")
+    _check_grid(grid_size)
     if n_genes < 5 * n_markers:
         raise ValueError(f"n_genes={n_genes} must be at least 5 * n_markers ({5 * n_markers}).")
     if not morphology_gradient >= 0:
@@ -361,42 +406,30 @@ def simulate(
     gradient_rng = np.random.default_rng([seed, 11])
     fm_dim = int(expression_embedding_dim)
     fm_proj = fm_rng.normal(0, 2.0, (n_programmes, max(fm_dim, 1)))
-    fm = []
 
     xy = _hex_grid(*grid_size)
     ring = _neighbour_ring(xy) if spot_mixing > 0 else None
-    counts, obs, coords, morph = [], [], [], []
-    uns_spatial = {}
-    without_image: list[str] = []
-    n_sections = n_patients * n_sections_per_patient
+    study = _Study(n_patients * n_sections_per_patient, sections_without_image)
     for p in range(n_patients):
         patient = f"P{p + 1}"
         absent = _ABSENT_BY_PATIENT[p % len(_ABSENT_BY_PATIENT)] if absent_domains else ()
         patient_shift = rng.normal(0, patient_effect, n_genes)
         fm_patient_shift = fm_rng.normal(0, 0.5, max(fm_dim, 1))
         for s in range(n_sections_per_patient):
-            sample = f"{patient}_S{s + 1}"
-            section_index = p * n_sections_per_patient + s
             domain = _section_layout(xy, absent, rng)
-            n = len(xy)
-
             # Expression: log-rates per spot, mixed with the mean of the 6 nearest spots.
             prog = np.array([_EXPRESSION_PROGRAMME[d] for d in domain])
             rates = np.exp(programmes[prog])
             rates /= rates.sum(1, keepdims=True)
             if spot_mixing > 0:
                 rates = _mix_with_ring(rates, ring, spot_mixing)
+            # what an expression foundation model sees: the spot's mix of programmes
+            fm = np.eye(n_programmes)[prog] if fm_dim else None
             if fm_dim:
-                # what an expression foundation model sees: the spot's mix of programmes
-                onehot = np.eye(n_programmes)[prog]
-                if spot_mixing > 0:
-                    onehot = _mix_with_ring(onehot, ring, spot_mixing)
-                e = onehot @ fm_proj + fm_patient_shift + fm_rng.normal(0, 1.0, (n, fm_dim))
-                fm.append(e.astype(np.float32))
-            counts.append(
-                _section_counts(rates, patient_shift, section_effect, library_size, dispersion, rng)
+                fm = _fm_view(fm, ring, spot_mixing, fm_proj, fm_patient_shift, fm_rng)
+            counts = _section_counts(
+                rates, patient_shift, section_effect, library_size, dispersion, rng
             )
-
             # Morphology embedding: class mean + spot noise, then the section's stain shift.
             mclass = np.array([_MORPHOLOGY_CLASS[d] for d in domain])
             m = _section_morphology(
@@ -406,30 +439,11 @@ def simulate(
                 # own generator: the counts and the rest of the study stay those of the same seed
                 # without the gradient
                 m = m + _morphology_gradient(xy, morphology_dim, morphology_gradient, gradient_rng)
-            if section_index >= n_sections - sections_without_image:
-                m[:] = np.nan
-                without_image.append(sample)
-            morph.append(m.astype(np.float32))
+            sample = f"{patient}_S{s + 1}"
+            study.add(sample, patient, {"domain": domain}, counts, m, xy, rng, fm)
 
-            coords.append(_jitter_coords(xy, rng))
-            obs.append(
-                pd.DataFrame(
-                    {"sample": sample, "patient": patient, "domain": domain},
-                    index=[f"{sample}_{i}" for i in range(n)],
-                )
-            )
-            uns_spatial[sample] = {"scalefactors": _scalefactors()}
-
-    adata = _assemble(counts, obs, coords, morph, fm, DOMAINS, n_genes, uns_spatial)
-    adata.var["marker_of"] = "none"
-    names = ["tumour", "stroma", "immune", "gland", "adipose"]
-    for p in range(n_programmes):
-        adata.var.iloc[markers[p], adata.var.columns.get_loc("marker_of")] = names[p]
-    adata.uns["histovi_simulation"] = {
-        "seed": seed,
-        "expression_programme": _EXPRESSION_PROGRAMME,
-        "morphology_class": _MORPHOLOGY_CLASS,
-    }
+    record = {"expression_programme": _EXPRESSION_PROGRAMME, "morphology_class": _MORPHOLOGY_CLASS}
+    adata = study.assemble(DOMAINS, n_genes, markers, _PROGRAMMES, {"seed": seed, **record})
     if with_images:
-        _attach_images(adata, without_image, seed)
+        _attach_images(adata, study.without_image, seed)
     return adata

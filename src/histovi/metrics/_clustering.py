@@ -13,16 +13,16 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from .._threads import keeps_torch_threads
-from .._validation import is_whole_number
-from ..tl._domains import cluster_embedding
-from ..tl._utils import (
+from .._validation import (
     as_str_array,
     check_adata,
     check_embedding,
     get_cluster_column,
-    get_obs_column,
-    labelled_mask,
+    is_whole_number,
+    require_obs,
 )
+from ..tl._domains import cluster_embedding
+from ..tl._utils import labelled_mask
 
 #: Columns holding scores or bookkeeping in the protocol's tidy tables; every other column is
 #: treated as an identifier (method, embedding, ...) by :func:`summarize`.
@@ -76,9 +76,9 @@ def per_sample_scores(
     DataFrame with columns ``sample, n_spots, ARI, NMI``.
     """
     check_adata(adata)
-    labels = as_str_array(get_obs_column(adata, label_key))
+    labels = as_str_array(require_obs(adata, label_key))
     clusters = get_cluster_column(adata, cluster_key)
-    samples = as_str_array(get_obs_column(adata, sample_key))
+    samples = as_str_array(require_obs(adata, sample_key))
     mask = labelled_mask(labels, ignore)
     if not mask.any():
         raise ValueError(

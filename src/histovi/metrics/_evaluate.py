@@ -9,7 +9,7 @@ from anndata import AnnData
 
 from .._constants import LATENT_KEY, NEIGHBORS_KEY
 from .._threads import keeps_torch_threads
-from ..tl._utils import check_adata, get_obs_column, get_rep
+from .._validation import check_adata, get_rep, require_obs
 from ._clustering import cluster_and_score, per_sample_scores, summarize
 from ._integration import integration_scores
 from ._spatial import spatial_coherence
@@ -69,8 +69,8 @@ def evaluate(
     """
     check_adata(adata)
     X = get_rep(adata, use_rep)
-    labels = get_obs_column(adata, label_key)
-    samples = get_obs_column(adata, sample_key)
+    labels = require_obs(adata, label_key)
+    samples = require_obs(adata, sample_key)
     rows: list[dict] = []
     summary = summarize(
         cluster_and_score(X, labels, samples, methods=methods, seeds=seeds, ignore=ignore)

@@ -10,15 +10,8 @@ from anndata import AnnData
 
 from .._constants import LATENT_KEY
 from .._threads import keeps_torch_threads
-from .._validation import is_whole_number
-from ..tl._utils import (
-    as_str_array,
-    check_adata,
-    get_obs_column,
-    get_rep,
-    labelled_mask,
-    well_scaled,
-)
+from .._validation import as_str_array, check_adata, check_whole_number, get_rep, require_obs
+from ..tl._utils import labelled_mask, well_scaled
 
 #: (metric, kind) in the order of the returned table. Higher is better for all of them.
 INTEGRATION_METRICS = (
@@ -77,8 +70,8 @@ def integration_scores(
 
     check_adata(adata)
     (X_all,) = well_scaled(get_rep(adata, use_rep))
-    labels = as_str_array(get_obs_column(adata, label_key))
-    batches = as_str_array(get_obs_column(adata, batch_key))
+    labels = as_str_array(require_obs(adata, label_key))
+    batches = as_str_array(require_obs(adata, batch_key))
     mask = labelled_mask(labels, ignore)
     n = int(mask.sum())
     X = X_all[mask].astype(np.float32)
@@ -94,11 +87,12 @@ def integration_scores(
             f"the labelled spots come from a single batch of adata.obs['{batch_key}']: batch "
             "mixing needs labelled spots in at least two batches; pass another `batch_key`."
         )
-    if not is_whole_number(n_neighbors, minimum=3):
-        raise ValueError(
-            f"`n_neighbors`={n_neighbors!r} must be a whole number >= 3 (the kNN graph includes "
-            "each spot itself; scib-metrics' default is 90)."
-        )
+    check_whole_number(
+        n_neighbors,
+        "n_neighbors",
+        minimum=3,
+        what="the kNN graph includes each spot itself; scib-metrics' default is 90",
+    )
     k = int(min(n_neighbors, n - 1))
     if k < 2:
         raise ValueError(f"only {n} labelled spots: need at least 3 to build a kNN graph.")

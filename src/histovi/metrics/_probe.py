@@ -9,16 +9,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._validation import is_whole_number
-from ..tl._utils import (
+from .._validation import (
     as_str_array,
     check_adata,
+    check_whole_number,
     get_cluster_column,
-    get_obs_column,
     get_rep,
-    labelled_mask,
-    well_scaled,
+    require_obs,
 )
+from ..tl._utils import labelled_mask, well_scaled
 
 
 def _knn(n_neighbors: int, n_train: int):
@@ -89,20 +88,17 @@ def label_probe(
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     check_adata(adata)
-    X = get_rep(
-        adata, embedding_key, hint="store the embedding there or pass `embedding_key=` naming it"
-    )
+    X = get_rep(adata, embedding_key, hint="Store the embedding there or pass embedding_key=.")
     (X,) = well_scaled(X)  # kNN distances that neither over- nor underflow
-    labels = as_str_array(get_obs_column(adata, label_key))
-    samples = as_str_array(get_obs_column(adata, sample_key)).astype(str)
-    groups = samples if group_key is None else as_str_array(get_obs_column(adata, group_key))
+    labels = as_str_array(require_obs(adata, label_key))
+    samples = as_str_array(require_obs(adata, sample_key)).astype(str)
+    groups = samples if group_key is None else as_str_array(require_obs(adata, group_key))
     for name, value, low in (
         ("n_folds", n_folds, 2),
         ("n_neighbors", n_neighbors, 1),
         ("min_class_size", min_class_size, 1),
     ):
-        if not is_whole_number(value, minimum=low):
-            raise ValueError(f"`{name}`={value!r} must be a whole number >= {low}.")
+        check_whole_number(value, name, minimum=low)
     if n_folds < 2 or n_neighbors < 1:
         raise ValueError(f"n_folds={n_folds} must be >= 2 and n_neighbors={n_neighbors} >= 1.")
     if min_class_size < n_folds:
@@ -188,8 +184,8 @@ def cluster_composition(
     """
     check_adata(adata)
     clusters = as_str_array(get_cluster_column(adata, cluster_key)).astype(str)
-    labels = as_str_array(get_obs_column(adata, label_key))
-    groups = as_str_array(get_obs_column(adata, group_key)).astype(str)
+    labels = as_str_array(require_obs(adata, label_key))
+    groups = as_str_array(require_obs(adata, group_key)).astype(str)
     labelled = labelled_mask(labels, ignore)
     rows = []
     for c in pd.unique(clusters):

@@ -7,7 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY
-from ..tl._utils import as_str_array, check_adata, get_cluster_column, get_neighbors
+from .._validation import as_str_array, check_adata, get_cluster_column, get_neighbors
 
 
 def _coherence_row(same: np.ndarray, codes: np.ndarray, n_cat: int) -> dict[str, float]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._files import check_regular_file, fsync_dir
+from .._files import check_regular_file, fsync_dir, fsync_file
 from ._safe_format import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -53,11 +53,6 @@ def current_versions() -> dict[str, str]:
     return {"histovi": __version__, "scvi-tools": scvi.__version__, "torch": torch.__version__}
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def atomic_save(save: Callable[..., None], dir_path, prefix: str | None, overwrite: bool, **kwargs):
     """Run ``save`` (e.g. :func:`write_model`) into a temporary folder, then move its files
     into ``dir_path``."""
@@ -78,7 +73,7 @@ def atomic_save(save: Callable[..., None], dir_path, prefix: str | None, overwri
         files = sorted(tmp.iterdir(), key=lambda p: (p.name == model_file, p.name))
         for f in files:
             if f.is_file():
-                _fsync_file(f)
+                fsync_file(f)
         target.mkdir(exist_ok=True)
         for f in files:
             dest = target / f.name

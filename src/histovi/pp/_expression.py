@@ -33,8 +33,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .._constants import UNS_KEY
+from .._files import record_uns
 from .._threads import keeps_torch_threads
+from .._validation import check_adata, check_counts, check_whole_number, get_counts
 from ._encoders import sha256_file, sha256_state_dict
 
 if TYPE_CHECKING:
@@ -202,61 +203,26 @@ def embed_expression(
 
 
 def _validate_common(adata: AnnData, *, batch_size: int, max_length: int | None, seed: int) -> None:
-    from anndata import AnnData
-
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(
-            f"adata is empty ({adata.n_obs} spots x {adata.n_vars} genes): nothing to embed."
-        )
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    if max_length is not None and (not isinstance(max_length, int | np.integer) or max_length < 3):
-        raise ValueError(f"max_length={max_length!r} must be an integer >= 3 or None.")
-    if not isinstance(seed, int | np.integer):
-        raise ValueError(f"seed={seed!r} must be an integer.")
+    check_adata(adata)
+    if adata.n_vars == 0:
+        raise ValueError(f"adata has no genes ({adata.n_obs} spots x 0 genes): nothing to embed.")
+    check_whole_number(batch_size, "batch_size", what="spots per forward pass")
+    check_whole_number(max_length, "max_length", minimum=3, allow_none=True)
+    check_whole_number(seed, "seed", minimum=None)
 
 
 def _get_counts(adata: AnnData, layer: str | None) -> sp.csr_matrix:
-    """Return the counts as float64 CSR after checking they are finite non-negative integers."""
-    if layer is None:
-        X = adata.X
-        where = "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise KeyError(
-                f"layer={layer!r} not found in adata.layers (available: {list(adata.layers)}): "
-                "pass the name of the layer holding raw counts, or layer=None for adata.X."
-            )
-        X = adata.layers[layer]
-        where = f"adata.layers[{layer!r}]"
-    if X is None:
-        raise ValueError(f"{where} is empty: store raw counts there or pass layer=...")
-    X = sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
-    values = X.data
-    hint = " Raw counts are needed (the model normalises them itself); " + (
-        f"adata.layers has {list(adata.layers)}: pass layer=<the counts layer>."
-        if len(adata.layers)
-        else "store the raw counts in adata.X or a layer and pass layer=..."
+    """The counts as float64 CSR, after checking every value is a finite non-negative integer."""
+    check_counts(adata, layer, n_check=None)
+    X = get_counts(adata, layer)
+    return (
+        sp.csr_matrix(X, dtype=np.float64) if not sp.issparse(X) else X.tocsr().astype(np.float64)
     )
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or inf values." + hint)
-    if values.size and values.min() < 0:
-        raise ValueError(f"{where} contains negative values, so it is not counts." + hint)
-    if values.size and not np.all(values == np.round(values)):
-        raise ValueError(
-            f"{where} contains non-integer values (normalised or log data?), not counts." + hint
-        )
-    return X
 
 
 def _record(adata: AnnData, key_added: str, emb: np.ndarray, info: dict[str, Any]) -> None:
     adata.obsm[key_added] = np.ascontiguousarray(emb, dtype=np.float32)
-    uns = adata.uns.setdefault(UNS_KEY, {})
-    embeddings = uns.setdefault("embeddings", {})
-    # h5ad cannot store None in uns: drop unset entries instead.
-    embeddings[key_added] = {k: v for k, v in info.items() if v is not None}
+    record_uns(adata, "embeddings", info, key=key_added)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,14 +259,10 @@ def _embed_pca(
     import anndata as ad
     import scanpy as sc
 
-    if not isinstance(n_comps, int | np.integer) or n_comps < 1:
-        raise ValueError(f"n_comps={n_comps!r} must be a positive integer.")
-    if n_top_genes is not None and (
-        not isinstance(n_top_genes, int | np.integer) or n_top_genes < 2
-    ):
-        raise ValueError(
-            f"n_top_genes={n_top_genes!r} must be an integer >= 2 or None (all genes)."
-        )
+    check_whole_number(n_comps, "n_comps", what="principal components")
+    check_whole_number(
+        n_top_genes, "n_top_genes", minimum=2, allow_none=True, what="None: all genes"
+    )
     X = _get_counts(adata, layer)
     n_counts = np.asarray(X.sum(axis=1)).ravel()
     empty = n_counts <= 0
@@ -701,72 +663,22 @@ def _embed_geneformer(
         raise ValueError(f"pooling={pooling!r} must be 'mean' or 'cls'.")
     # Validate the cheap inputs before loading weights.
     X = _get_counts(adata, layer)
-
-    if loaded_model is None:
-        bert, folder, source = _load_geneformer(model_path)
-        dict_root: Path | None = folder
-        model_name = "geneformer"
-    else:
-        transformers = _import_transformers()
-        if not isinstance(loaded_model, transformers.PreTrainedModel) or not hasattr(
-            loaded_model.config, "max_position_embeddings"
-        ):
-            raise ValueError(
-                f"model of type {type(loaded_model).__name__} is not supported: pass "
-                f"{list(_SUPPORTED)} or a transformers BERT model with Geneformer's architecture."
-            )
-        # A BertForMaskedLM (or classifier) wraps the encoder we need as .bert.
-        bert = getattr(loaded_model, "bert", loaded_model)
-        folder = None
-        name_or_path = getattr(loaded_model.config, "_name_or_path", "") or ""
-        if model_path is not None:
-            dict_root = Path(model_path).expanduser()
-        elif name_or_path and Path(name_or_path).is_dir():
-            dict_root = Path(name_or_path)
-        else:
-            dict_root = None
-        source = str(model_path or name_or_path or "loaded object")
-        model_name = "geneformer"
-
+    bert, folder, dict_root, source = _geneformer_model(loaded_model, model_path)
     config = bert.config
     dicts = _find_dictionaries(dict_root, int(config.vocab_size), dictionary_files)
     token_dict = _load_dict(dicts["token"])
     median_dict = _load_dict(dicts["median"])
     name_id_dict = _load_dict(dicts["gene_name"]) if dicts.get("gene_name") is not None else None
+    tokens = _Tokens(token_dict, config, pooling, max_length, hidden_layer)
 
-    cls_id = token_dict.get("<cls>")
-    # Geneformer V2 closes each sequence with <eos>; one intermediate release used <sep>.
-    end_id = token_dict.get("<eos>", token_dict.get("<sep>")) if cls_id is not None else None
-    pad_id = token_dict.get("<pad>", config.pad_token_id if config.pad_token_id is not None else 0)
-    if pooling == "cls" and cls_id is None:
-        raise ValueError(
-            "pooling='cls' needs a <cls> token, but the token dictionary has none (Geneformer "
-            "V1): use pooling='mean'."
-        )
-    n_special = int(cls_id is not None) + int(end_id is not None)
-    model_max = int(config.max_position_embeddings)
-    if max_length is None:
-        max_length = model_max
-    elif max_length > model_max:
-        raise ValueError(
-            f"max_length={max_length} exceeds the model's max_position_embeddings={model_max}: "
-            f"pass max_length<={model_max}."
-        )
-    n_hidden = int(config.num_hidden_layers) + 1
-    if not -n_hidden <= hidden_layer < n_hidden:
-        raise ValueError(
-            f"hidden_layer={hidden_layer} out of range for a model with {n_hidden} hidden states "
-            f"(embeddings + {n_hidden - 1} layers): use -1 (last) or -2 (second to last)."
-        )
-
-    pos, tokens, medians, id_type = _map_genes(
+    pos, gene_tokens, medians, id_type = _map_genes(
         adata, gene_id_key, token_dict, median_dict, name_id_dict
     )
     # Geneformer scales by the spot's total counts over all genes, not only vocabulary genes.
     n_counts = np.asarray(X.sum(axis=1)).ravel()
     # Sum counts of var rows that map to the same token (duplicated symbols), as the reference
     # tokenizer's collapse_gene_ids does, so each token appears at most once per spot.
-    uniq_tokens, inverse = np.unique(tokens, return_inverse=True)
+    uniq_tokens, inverse = np.unique(gene_tokens, return_inverse=True)
     collapse = sp.csr_matrix(
         (np.ones(len(pos)), (np.arange(len(pos)), inverse)), shape=(len(pos), len(uniq_tokens))
     )
@@ -782,9 +694,7 @@ def _embed_geneformer(
     orig_device = next(bert.parameters()).device
     bert.eval()
     bert.to(dev)
-
-    dim = int(config.hidden_size)
-    emb = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
+    emb = np.full((adata.n_obs, int(config.hidden_size)), np.nan, dtype=np.float32)
     n_empty = 0
     starts = range(0, adata.n_obs, batch_size)
     iterator = tqdm(starts, desc="geneformer", unit="batch", disable=not show_progress)
@@ -797,40 +707,13 @@ def _embed_geneformer(
                     n_counts[start:stop],
                     uniq_medians,
                     uniq_tokens,
-                    max_length - n_special,
+                    tokens.max_length - tokens.n_special,
                 )
                 rows = [i for i, s in enumerate(seqs) if s.size > 0]
                 n_empty += len(seqs) - len(rows)
-                if not rows:
-                    continue  # spots without any vocabulary gene keep NaN: no expression view
-                seqs = [seqs[i] for i in rows]
-                if cls_id is not None:
-                    seqs = [
-                        np.concatenate([[cls_id], s, [end_id] if end_id is not None else []])
-                        for s in seqs
-                    ]
-                lengths = np.array([len(s) for s in seqs])
-                ids = np.full((len(seqs), lengths.max()), pad_id, dtype=np.int64)
-                for j, s in enumerate(seqs):
-                    ids[j, : len(s)] = s
-                ids_t = torch.from_numpy(ids).to(dev)
-                mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
-                mask = mask.to(dev, dtype=torch.long)
-                out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
-                hidden = out.hidden_states[hidden_layer].float()
-                if pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    # Average over gene tokens only: skip <cls>, <eos> and padding.
-                    gene_mask = mask.clone()
-                    if cls_id is not None:
-                        gene_mask[:, 0] = 0
-                    if end_id is not None:
-                        last = torch.from_numpy(lengths - 1).to(dev)
-                        gene_mask[torch.arange(len(seqs), device=dev), last] = 0
-                    w = gene_mask.to(hidden.dtype).unsqueeze(-1)
-                    pooled = (hidden * w).sum(1) / w.sum(1)
-                emb[np.arange(start, stop)[rows]] = pooled.cpu().numpy()
+                if rows:  # spots without any vocabulary gene keep NaN: no expression view
+                    pooled = tokens.embed(bert, [seqs[i] for i in rows], dev)
+                    emb[np.arange(start, stop)[rows]] = pooled
     finally:
         bert.train(was_training)
         bert.to(orig_device)
@@ -843,7 +726,7 @@ def _embed_geneformer(
             stacklevel=3,
         )
     info = {
-        "model": model_name,
+        "model": "geneformer",
         "source": source,
         "architecture": type(bert).__name__,
         # The state-dict hash is the same whether the weights came from a folder, the hub or a
@@ -860,11 +743,100 @@ def _embed_geneformer(
         "gene_id_type": id_type,
         "gene_id_key": gene_id_key,
         "layer": layer,
-        "max_length": int(max_length),
+        "max_length": int(tokens.max_length),
         "pooling": pooling,
         "hidden_layer": int(hidden_layer),
         "n_spots_empty": int(n_empty),
         "seed": int(seed),
-        "dim": dim,
+        "dim": int(config.hidden_size),
     }
     _record(adata, key_added, emb, info)
+
+
+def _geneformer_model(loaded_model: Any | None, model_path) -> tuple[Any, Any, Any, str]:
+    """The BERT encoder, the folder of its weights file (None for a loaded model), the folder
+    where its dictionaries are looked for, and where it came from."""
+    if loaded_model is None:
+        bert, folder, source = _load_geneformer(model_path)
+        return bert, folder, folder, source
+    transformers = _import_transformers()
+    if not isinstance(loaded_model, transformers.PreTrainedModel) or not hasattr(
+        loaded_model.config, "max_position_embeddings"
+    ):
+        raise ValueError(
+            f"model of type {type(loaded_model).__name__} is not supported: pass "
+            f"{list(_SUPPORTED)} or a transformers BERT model with Geneformer's architecture."
+        )
+    # A BertForMaskedLM (or classifier) wraps the encoder we need as .bert.
+    bert = getattr(loaded_model, "bert", loaded_model)
+    name_or_path = getattr(loaded_model.config, "_name_or_path", "") or ""
+    if model_path is not None:
+        dict_root = Path(model_path).expanduser()
+    elif name_or_path and Path(name_or_path).is_dir():
+        dict_root = Path(name_or_path)
+    else:
+        dict_root = None
+    return bert, None, dict_root, str(model_path or name_or_path or "loaded object")
+
+
+class _Tokens:
+    """Geneformer's special tokens and sequence limits for one model and token dictionary, and
+    the pooled hidden states of a batch of rank-value encoded spots."""
+
+    def __init__(self, token_dict: dict, config: Any, pooling: str, max_length, hidden_layer):
+        self.cls_id = token_dict.get("<cls>")
+        # Geneformer V2 closes each sequence with <eos>; one intermediate release used <sep>.
+        self.end_id = (
+            token_dict.get("<eos>", token_dict.get("<sep>")) if self.cls_id is not None else None
+        )
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        self.pad_id = token_dict.get("<pad>", pad)
+        if pooling == "cls" and self.cls_id is None:
+            raise ValueError(
+                "pooling='cls' needs a <cls> token, but the token dictionary has none (Geneformer "
+                "V1): use pooling='mean'."
+            )
+        self.n_special = int(self.cls_id is not None) + int(self.end_id is not None)
+        model_max = int(config.max_position_embeddings)
+        if max_length is None:
+            max_length = model_max
+        elif max_length > model_max:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's max_position_embeddings={model_max}: "
+                f"pass max_length<={model_max}."
+            )
+        n_hidden = int(config.num_hidden_layers) + 1
+        if not -n_hidden <= hidden_layer < n_hidden:
+            raise ValueError(
+                f"hidden_layer={hidden_layer} out of range for a model with {n_hidden} hidden "
+                f"states (embeddings + {n_hidden - 1} layers): use -1 (last) or -2 (second to last)."
+            )
+        self.max_length, self.pooling, self.hidden_layer = max_length, pooling, hidden_layer
+
+    def embed(self, bert: Any, seqs: list[np.ndarray], dev: Any) -> np.ndarray:
+        """Pooled hidden states of the spots' token sequences (special tokens added)."""
+        import torch
+
+        if self.cls_id is not None:
+            end = [self.end_id] if self.end_id is not None else []
+            seqs = [np.concatenate([[self.cls_id], s, end]) for s in seqs]
+        lengths = np.array([len(s) for s in seqs])
+        ids = np.full((len(seqs), lengths.max()), self.pad_id, dtype=np.int64)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = s
+        ids_t = torch.from_numpy(ids).to(dev)
+        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        mask = mask.to(dev, dtype=torch.long)
+        out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[self.hidden_layer].float()
+        if self.pooling == "cls":
+            return hidden[:, 0].cpu().numpy()
+        # Average over gene tokens only: skip <cls>, <eos> and padding.
+        gene_mask = mask.clone()
+        if self.cls_id is not None:
+            gene_mask[:, 0] = 0
+        if self.end_id is not None:
+            last = torch.from_numpy(lengths - 1).to(dev)
+            gene_mask[torch.arange(len(seqs), device=dev), last] = 0
+        w = gene_mask.to(hidden.dtype).unsqueeze(-1)
+        return ((hidden * w).sum(1) / w.sum(1)).cpu().numpy()

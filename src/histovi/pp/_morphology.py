@@ -1,4 +1,18 @@
-"""Per-spot morphology embeddings from H&E tiles: :func:`embed_morphology`."""
+"""Per-spot morphology embeddings from H&E tiles: :func:`embed_morphology`.
+
+Tiles are streamed: at most ``batch_size`` tiles per worker plus the image region they need are
+held at a time. Baseline JPEG/PNG files are decoded once per section and released when the
+section is done, so many large images do not accumulate in memory; TIFF, zarr and SpatialData
+images are read region by region.
+
+With ``checkpoint_dir`` each finished section is saved (one ``.npz`` file per section, written
+atomically; the stain-normalisation parameters too), and a rerun after an interruption loads
+the sections found there instead of embedding them again (their images are not read). A
+section saved with other settings (encoder or its weights, tile geometry, stain normalisation,
+spots) is refused with what differs: use another folder or delete it. The PCA of
+``n_components`` is fitted at the end over all sections, so the files hold the encoder's
+features.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .._constants import MORPHOLOGY_KEY, UNS_KEY
-from .._files import atomic_write, open_regular
+from .._files import atomic_write, open_regular, record_uns, storable
 from .._threads import keeps_torch_threads
+from .._validation import check_whole_number
 from ..io._sections import Section, anndata_sections, choose_source, spatialdata_sections
 from ._encoders import STAIN_TEXTURE, resolve_encoder
 from ._stain import estimate_chroma_threshold, fit_from_tiles, make_normalizer, tissue_mask
@@ -144,19 +159,6 @@ def _check_same(name: str, given: Any, recorded: Any) -> None:
         )
 
 
-def _plain(obj: Any) -> Any:
-    """Record values as h5ad-writable types (no None, numpy arrays for vectors)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, str) for v in obj):
-        return np.asarray(obj, dtype=object)
-    if isinstance(obj, (list, tuple)):
-        return np.asarray(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 # --------------------------------------------------------------------------------------------
 # main entry point
 # --------------------------------------------------------------------------------------------
@@ -193,14 +195,9 @@ def embed_morphology(
 ) -> Any:
     """Embed the H&E tile around every spot with an image encoder.
 
-    For each section the tile of ``tile_size_um`` × ``tile_size_um`` µm centred on each spot is
-    read at the image resolution closest to ``target_mpp`` (pyramid level / JPEG scale), resized
-    to ``round(tile_size_um / target_mpp)`` pixels, optionally stain-normalised and encoded.
-    Tiles are streamed: at most ``batch_size`` tiles per worker plus the image region they need
-    are held at a time (baseline JPEG/PNG files are decoded once per section and released when
-    the section is done, so many large images do not accumulate in memory; TIFF, zarr and
-    SpatialData images are read region by region). With ``checkpoint_dir`` each finished
-    section is saved, and a rerun after an interruption skips the sections already embedded.
+    The ``tile_size_um``-wide tile centred on each spot is read at the image resolution closest
+    to ``target_mpp``, resized to ``round(tile_size_um / target_mpp)`` pixels, optionally
+    stain-normalised and encoded; tiles are streamed, section by section (see the module notes).
 
     Parameters
     ----------
@@ -217,26 +214,21 @@ def embed_morphology(
         the architecture in a ``config.json`` next to it or inside the file) or to an HF-style
         folder, or a :class:`torch.nn.Module` (with ``transform``). With ``reference`` and no
         encoder, the reference's encoder is rebuilt from its record.
-    tile_size_um
-        Side of the tile in µm (default 112: spot plus surrounding context; 224 px at 0.5 µm).
-    target_mpp
-        Pixel size of the tiles in µm. Default: 0.5 for neural encoders (the scale of pathology
-        foundation models), 1.0 for ``"stain-texture"``.
-    batch_size
-        Tiles per batch.
-    device
-        ``"auto"`` (CUDA / MPS when available), ``"cpu"``, ``"cuda"``, ...
-    sample_key
-        ``obs`` column naming each spot's section / library id (``uns['spatial']`` key).
-    key_added
-        ``obsm`` key of the embedding.
+    tile_size_um, target_mpp
+        Side of the tile in µm (default 112: spot plus context, 224 px at 0.5 µm) and pixel size
+        of the tiles in µm (default 0.5 for neural encoders, as pathology foundation models; 1.0
+        for ``"stain-texture"``).
+    batch_size, num_workers, device, progress
+        Tiles per batch; DataLoader worker processes reading tiles; ``"auto"`` (CUDA / MPS when
+        available), ``"cpu"``, ``"cuda"``, ...; show a tqdm progress bar.
+    sample_key, key_added
+        ``obs`` column of each spot's section / library id (``uns['spatial']`` key); ``obsm``
+        key of the embedding.
     n_components
         If given, standardise the features and reduce them by PCA (fitted on valid tiles).
     stain_normalization
         ``None``, ``"macenko"`` or ``"reinhard"``. Target stain parameters are fitted on tiles
         of ``data`` (or taken from ``reference``); source parameters per section.
-    num_workers
-        DataLoader worker processes reading and preprocessing tiles.
     transform
         Tile transform for a user module (PIL RGB image -> (C, H, W) tensor). timm models use
         their own data config.
@@ -247,17 +239,14 @@ def embed_morphology(
     pretrained, checkpoint_path, model_kwargs
         Passed to timm: random weights for tests, a local weights file (no network), extra
         :func:`timm.create_model` arguments.
-    image_dir
-        Folder that relative ``image_file`` paths refer to.
-    image_key
-        Which image to use (``"hires"``, ``"lowres"``, a SpatialData image name or a mapping
-        region -> image name). Default: the finest one needed for ``target_mpp``.
-    mpp_fullres
+    image_dir, image_key
+        Folder that relative ``image_file`` paths refer to; which image to use (``"hires"``,
+        ``"lowres"``, a SpatialData image name or a mapping region -> image name; default: the
+        finest one needed for ``target_mpp``).
+    mpp_fullres, spot_diameter_um
         µm per full-resolution pixel (or per SpatialData coordinate unit), a number or a mapping
         sample -> number; overrides ``scalefactors['um_per_px_fullres']`` and the estimate from
-        the spot diameter (assumed ``spot_diameter_um``, 55 µm for Visium).
-    spot_diameter_um
-        Physical spot diameter used when only the spot diameter in pixels is known.
+        the spot diameter in pixels and ``spot_diameter_um`` (55 µm for Visium).
     min_tissue_fraction
         Tiles with a smaller fraction of stained pixels (white glass, black masks, outside the
         image) are invalid: NaN rows and ``obs['morphology_valid'] = False``. Default 0.1.
@@ -267,17 +256,11 @@ def embed_morphology(
         Seed of the tile subset used for stain fitting.
     copy
         Return a modified copy instead of writing into ``data`` (AnnData only).
-    progress
-        Show a tqdm progress bar.
     checkpoint_dir
-        Folder where each section's embedding is saved as soon as the section is done (one
-        ``.npz`` file per section, written atomically; the stain-normalisation parameters too).
-        Run the same call again after an interruption: sections found there are loaded instead
-        of embedded again (their images are not read), and only the rest is computed. The
-        result is the same as that of an uninterrupted run. A section saved with other settings
-        (encoder or its weights, tile geometry, stain normalisation, spots) is refused with what
-        differs: use another folder or delete it. The PCA of ``n_components`` is fitted at the
-        end over all sections, so the files hold the encoder's features.
+        Folder where each section's features are saved as soon as it is done; the same call run
+        again after an interruption loads them instead of reading the images again, with the
+        result of an uninterrupted run. A folder of other settings or data is refused, naming
+        what differs (see the module notes).
 
     Returns
     -------
@@ -289,56 +272,71 @@ def embed_morphology(
     names and per-section details. Nothing else in ``data`` is changed.
     """
     rec = _get_record(reference)
-    # ---------------- validate arguments and reconcile them with the reference ---------------
+    _check_arguments(key_added, spatial_key, batch_size, num_workers, stain_normalization)
+    check_whole_number(n_components, "n_components", allow_none=True, what="PCA components")
+    tiles = _tile_settings(
+        rec, encoder, tile_size_um, target_mpp, min_tissue_fraction, stain_normalization
+    )
+    if rec:
+        _check_same("n_components", n_components, _reference_n_components(rec))
+    enc = _encoder(
+        rec, encoder, tiles, pretrained, checkpoint_path, transform, model_kwargs, device
+    )
+    adata, sections = _read_sections(
+        data,
+        copy=copy,
+        sample_key=sample_key,
+        spatial_key=spatial_key,
+        table_key=table_key,
+        image_dir=image_dir,
+        image_key=image_key,
+        mpp_fullres=mpp_fullres,
+        spot_diameter_um=spot_diameter_um,
+    )
+    plans, missing = _plan_sections(sections, tiles, key_added, spatial_key)
+    store = _SectionStore.open(checkpoint_dir, enc, tiles, seed)
+    stain = _stain_normalisation(plans, tiles, rec, store, seed)
+    emb, valid, per_section = _embed_plans(
+        adata.n_obs, plans, enc, tiles, stain, store, batch_size, num_workers, progress
+    )
+    emb, pca_rec = _reduce(emb, valid, rec, n_components)
+    _write(adata, key_added, emb, valid, enc, tiles, stain[0], pca_rec, per_section, missing, rec)
+    return adata if copy else None
+
+
+# --------------------------------------------------------------------------------------------
+# the steps of embed_morphology
+# --------------------------------------------------------------------------------------------
+def _check_arguments(key_added, spatial_key, batch_size, num_workers, stain_normalization):
     if key_added == spatial_key:
         raise ValueError(
             f"key_added={key_added!r} is spatial_key: the embedding would replace the spot "
             "coordinates it is cut from; pass another key_added (default 'X_morphology')."
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0")
+    check_whole_number(batch_size, "batch_size", what="tiles per batch")
+    check_whole_number(num_workers, "num_workers", minimum=0, what="DataLoader worker processes")
     if stain_normalization is not None:
         make_normalizer(stain_normalization)  # validates the name
-    if n_components is not None and (not isinstance(n_components, int) or n_components < 1):
-        raise ValueError(f"n_components={n_components!r} must be a positive integer or None")
+
+
+def _reference_n_components(rec: Mapping[str, Any]) -> Any:
+    return int(rec["pca"]["n_components"]) if "pca" in rec else "none"
+
+
+def _tile_settings(
+    rec, encoder, tile_size_um, target_mpp, min_tissue_fraction, stain_normalization
+) -> dict[str, Any]:
+    """The tile geometry, tissue threshold and stain normalisation: the reference's for a query
+    (settings given explicitly must equal them), defaults filled in and checked otherwise."""
     if rec:
+        norm = rec.get("stain_normalization", "none")
         _check_same("tile_size_um", tile_size_um, rec["tile_size_um"])
         _check_same("target_mpp", target_mpp, rec["target_mpp"])
-        _check_same(
-            "stain_normalization", stain_normalization, rec.get("stain_normalization", "none")
-        )
+        _check_same("stain_normalization", stain_normalization, norm)
         _check_same("min_tissue_fraction", min_tissue_fraction, rec["min_tissue_fraction"])
-        _check_same(
-            "n_components",
-            n_components,
-            int(rec["pca"]["n_components"]) if "pca" in rec else "none",
-        )
-        tile_size_um = float(rec["tile_size_um"])
-        target_mpp = float(rec["target_mpp"])
+        tile_size_um, target_mpp = float(rec["tile_size_um"]), float(rec["target_mpp"])
         min_tissue_fraction = float(rec["min_tissue_fraction"])
-        norm = rec.get("stain_normalization", "none")
         stain_normalization = None if norm == "none" else norm
-        if encoder is None:
-            encoder = _encoder_from_record(rec)
-            if rec.get("encoder_kind") == "checkpoint":
-                encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
-                if str(encoder).startswith("file:"):
-                    # a whole pickled module: loading it runs code, and its path comes from a
-                    # data file, not from the user
-                    raise ValueError(
-                        f"the reference was embedded with a pickled module file "
-                        f"{str(checkpoint_path)!r}, which histovi does not open from a data "
-                        "file's record (unpickling runs code). If you trust that file, load it "
-                        "yourself (torch.load(path, weights_only=False)) and pass it as encoder="
-                    )
-                if not os.path.exists(rec["checkpoint_path"]):
-                    raise ValueError(
-                        f"the reference encoder's weights file {rec['checkpoint_path']!r} is gone: pass "
-                        f"encoder={rec['encoder']!r}, checkpoint_path='<same weights>'"
-                    )
-            pretrained = bool(rec.get("pretrained", pretrained))
     tile_size_um = DEFAULT_TILE_SIZE_UM if tile_size_um is None else float(tile_size_um)
     if not np.isfinite(tile_size_um) or tile_size_um <= 0:
         raise ValueError(f"tile_size_um={tile_size_um!r} must be a positive number of µm")
@@ -353,11 +351,24 @@ def embed_morphology(
     target_mpp = float(target_mpp)
     if not np.isfinite(target_mpp) or target_mpp <= 0:
         raise ValueError(f"target_mpp={target_mpp!r} must be a positive number of µm per pixel")
-    tile_px = max(int(round(tile_size_um / target_mpp)), 8)
+    return {
+        "tile_size_um": tile_size_um,
+        "target_mpp": target_mpp,
+        "tile_px": max(int(round(tile_size_um / target_mpp)), 8),
+        "min_tissue_fraction": min_tissue_fraction,
+        "stain_normalization": stain_normalization,
+    }
 
+
+def _encoder(rec, encoder, tiles, pretrained, checkpoint_path, transform, model_kwargs, device):
+    """The encoder (:func:`resolve_encoder`); for a query, the reference's (rebuilt from its
+    record when ``encoder`` is None, checked against it otherwise)."""
+    if rec and encoder is None:
+        encoder, checkpoint_path = _encoder_from_record(rec, checkpoint_path)
+        pretrained = bool(rec.get("pretrained", pretrained))
     enc = resolve_encoder(
         encoder,
-        target_mpp=target_mpp,
+        target_mpp=tiles["target_mpp"],
         pretrained=pretrained,
         checkpoint_path=checkpoint_path,
         transform=transform,
@@ -365,48 +376,52 @@ def embed_morphology(
         device=device,
     )
     if rec:
-        _check_same("encoder", enc.name, rec["encoder"])
-        if enc.weights_sha256 != rec["weights_sha256"]:
-            raise ValueError(
-                f"encoder weights (sha256 {enc.weights_sha256[:12]}…) differ from the reference's "
-                f"({str(rec['weights_sha256'])[:12]}…): embed the query with the very same weights "
-                "(same checkpoint_path / module) as the reference"
-            )
-        if enc.dim != int(rec["feature_dim"]):
-            raise ValueError(
-                f"encoder gives {enc.dim} features but the reference has {rec['feature_dim']}"
-            )
+        _check_encoder(enc, rec)
+    return enc
 
-    # ---------------- resolve the sections of the input -------------------------------------
-    if hasattr(data, "tables") and hasattr(data, "images"):
-        table, sections = spatialdata_sections(
-            data,
-            table_key=table_key,
-            sample_key=sample_key,
-            image_key=image_key,
-            mpp_fullres=mpp_fullres,
-            spot_diameter_um=spot_diameter_um,
+
+def _check_encoder(enc: Any, rec: Mapping[str, Any]) -> None:
+    """A query's encoder must be the reference's: same name, weights and width."""
+    _check_same("encoder", enc.name, rec["encoder"])
+    if enc.weights_sha256 != rec["weights_sha256"]:
+        raise ValueError(
+            f"encoder weights (sha256 {enc.weights_sha256[:12]}…) differ from the reference's "
+            f"({str(rec['weights_sha256'])[:12]}…): embed the query with the very same weights "
+            "(same checkpoint_path / module) as the reference"
         )
+    if enc.dim != int(rec["feature_dim"]):
+        raise ValueError(
+            f"encoder gives {enc.dim} features but the reference has {rec['feature_dim']}"
+        )
+
+
+def _read_sections(data: Any, *, copy: bool, table_key: str, **kwargs: Any):
+    """The AnnData written into (the SpatialData table, or ``data`` or its copy) and its
+    sections (spots, image sources and the transform between them)."""
+    image_key = kwargs.pop("image_key")
+    spatial_key, image_dir = kwargs.pop("spatial_key"), kwargs.pop("image_dir")
+    if hasattr(data, "tables") and hasattr(data, "images"):
         if copy:
             raise ValueError(
                 "copy=True is for AnnData input; a SpatialData table is written in place"
             )
-        adata = table
-    elif hasattr(data, "obsm") and hasattr(data, "uns"):
+        return spatialdata_sections(data, table_key=table_key, image_key=image_key, **kwargs)
+    if hasattr(data, "obsm") and hasattr(data, "uns"):
         adata = data.copy() if copy else data
         sections = anndata_sections(
             adata,
-            sample_key=sample_key,
             spatial_key=spatial_key,
             image_dir=image_dir,
             image_key=image_key if isinstance(image_key, str | type(None)) else None,
-            mpp_fullres=mpp_fullres,
-            spot_diameter_um=spot_diameter_um,
+            **kwargs,
         )
-    else:
-        raise ValueError(
-            f"data must be an AnnData or a SpatialData object; got {type(data).__name__}"
-        )
+        return adata, sections
+    raise ValueError(f"data must be an AnnData or a SpatialData object; got {type(data).__name__}")
+
+
+def _plan_sections(sections: list[Section], tiles: Mapping[str, Any], key_added, spatial_key):
+    """Plans of the sections with an image (a warning names those without; an error when no
+    section has one), and the sections without."""
     missing = [s for s in sections if s.missing]
     if missing:
         warnings.warn(
@@ -414,7 +429,7 @@ def embed_morphology(
             + ", ".join(f"{s.name!r} ({s.missing})" for s in missing)
             + f": their rows of obsm[{key_added!r}] are NaN; other samples are embedded",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     present = [s for s in sections if not s.missing]
     if not present:
@@ -424,59 +439,55 @@ def embed_morphology(
             "(with image_dir=), or SpatialData images sharing a coordinate system with the spots"
             + (f" ({why}{'; ...' if len(missing) > 3 else ''})" if why else "")
         )
-    plans = [_plan(sec, target_mpp, tile_size_um) for sec in present]
+    plans = [_plan(sec, tiles["target_mpp"], tiles["tile_size_um"]) for sec in present]
     _check_geometry(plans, spatial_key)
+    return plans, missing
 
-    # ---------------- stain normalisation ---------------------------------------------------
-    store = None
-    if checkpoint_dir is not None:
-        store = _SectionStore(
-            checkpoint_dir,
-            {
-                **enc.describe(),
-                "feature_dim": enc.dim,
-                "tile_size_um": tile_size_um,
-                "target_mpp": target_mpp,
-                "tile_px": tile_px,
-                "min_tissue_fraction": min_tissue_fraction,
-                "stain_normalization": stain_normalization or "none",
-                "seed": seed,
-            },
-        )
-    norm_rec: dict[str, Any] = {}
-    stain_fns: dict[str, Callable] = {}
-    if stain_normalization is not None:
-        normalizer = make_normalizer(stain_normalization)
-        saved = store.load_stain(plans) if store is not None else None
-        if saved is not None:
-            target, sources = saved
+
+def _stain_normalisation(plans, tiles, rec, store, seed):
+    """The stain record (method, target and per-section source parameters: the reference's
+    target for a query, fitted on tiles of every section otherwise) and each section's tile
+    re-staining; read from ``store`` when a previous run saved them."""
+    method = tiles["stain_normalization"]
+    if method is None:
+        return {}, {}
+    normalizer = make_normalizer(method)
+    saved = store.load_stain(plans) if store is not None else None
+    if saved is not None:
+        target, sources = saved
+    else:
+        fit_tiles = {}
+        for p in plans:
+            fit_tiles[p["section"].name] = _sample_tiles(
+                p, tiles["tile_px"], tiles["min_tissue_fraction"], seed
+            )
+            _release(p["source"])
+        if rec:
+            target = {k: np.asarray(v) for k, v in rec["normalizer"]["target"].items()}
         else:
-            fit_tiles = {}
-            for p in plans:
-                fit_tiles[p["section"].name] = _sample_tiles(p, tile_px, min_tissue_fraction, seed)
-                _release(p["source"])
-            if rec:
-                target = {k: np.asarray(v) for k, v in rec["normalizer"]["target"].items()}
-            else:
-                pooled = [t for ts in fit_tiles.values() for t in ts]
-                target = fit_from_tiles(normalizer, pooled, seed=seed)
-            sources = {}
-            for name, tiles in fit_tiles.items():
-                if not tiles:
-                    continue
-                try:
-                    sources[name] = fit_from_tiles(normalizer, tiles, seed=seed)
-                except ValueError:
-                    sources[name] = target  # too little stain to fit: leave that section as is
-            if store is not None:
-                store.save_stain(plans, target, sources)
-        for name, source_params in sources.items():
-            stain_fns[name] = _StainFn(normalizer, source_params, target)
-        norm_rec = {"method": stain_normalization, "target": target, "source": sources}
+            pooled = [t for ts in fit_tiles.values() for t in ts]
+            target = fit_from_tiles(normalizer, pooled, seed=seed)
+        sources = {}
+        for name, section_tiles in fit_tiles.items():
+            if not section_tiles:
+                continue
+            try:
+                sources[name] = fit_from_tiles(normalizer, section_tiles, seed=seed)
+            except ValueError:
+                sources[name] = target  # too little stain to fit: leave that section as is
+        if store is not None:
+            store.save_stain(plans, target, sources)
+    stain_fns = {name: _StainFn(normalizer, src, target) for name, src in sources.items()}
+    return {"method": method, "target": target, "source": sources}, stain_fns
 
-    # ---------------- embed ----------------------------------------------------------------
-    emb = np.full((adata.n_obs, enc.dim), np.nan, dtype=np.float32)
-    valid = np.zeros(adata.n_obs, dtype=bool)
+
+def _embed_plans(n_obs, plans, enc, tiles, stain, store, batch_size, num_workers, progress):
+    """Encoder features (n_obs, dim; NaN rows where no valid tile), validity and per-section
+    details, section by section (a section saved in ``store`` is loaded, not embedded).
+    ``stain`` is the stain record and each section's re-staining (:func:`_stain_normalisation`)."""
+    norm_rec, stain_fns = stain
+    emb = np.full((n_obs, enc.dim), np.nan, dtype=np.float32)
+    valid = np.zeros(n_obs, dtype=bool)
     total = sum(len(p["section"].rows) for p in plans)
     bar = tqdm(total=total, desc=f"embed_morphology[{enc.name}]", unit="tile", disable=not progress)
     per_section = {}
@@ -488,34 +499,9 @@ def embed_morphology(
             per_section[sec.name] = done["info"]
             bar.update(len(sec.rows))
             continue
-        _chroma_threshold(p)
-        ds = _TileDataset(
-            p["source"],
-            p["centres_px"],
-            p["half"],
-            tile_px,
-            min_tissue_fraction,
-            enc.preprocess,
-            stain_fns.get(sec.name),
-            p["chroma_threshold"],
+        _embed_section(
+            p, enc, tiles, stain_fns.get(sec.name), emb, valid, batch_size, num_workers, bar
         )
-        loader = DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=enc.device.type == "cuda",
-            sampler=p["order"],
-        )
-        for idx, ok, _frac, x in loader:
-            idx, ok = idx.numpy(), ok.numpy().astype(bool)
-            if ok.any():
-                out = enc.embed(x[torch.from_numpy(ok)])
-                emb[sec.rows[idx[ok]]] = out
-            valid[sec.rows[idx[ok]]] = True
-            bar.update(len(idx))
-        del loader, ds
-        _release(p["source"])  # a decoded JPEG/PNG is not kept past its section
         per_section[sec.name] = {
             "image": str(getattr(p["source"], "label", "")),
             "level": int(p["source"].level),
@@ -532,56 +518,58 @@ def embed_morphology(
     bad = valid & ~np.isfinite(emb).all(axis=1)
     if bad.any():
         warnings.warn(
-            f"{int(bad.sum())} tiles gave non-finite features; marked invalid", stacklevel=2
+            f"{int(bad.sum())} tiles gave non-finite features; marked invalid", stacklevel=3
         )
         emb[bad], valid[bad] = np.nan, False
-    for s in missing:
-        per_section[s.name] = {"n_spots": len(s.rows), "n_valid": 0, "missing": s.missing}
+    return emb, valid, per_section
 
-    # ---------------- PCA ---------------------------------------------------------------------
+
+def _embed_section(plan, enc, tiles, stain, emb, valid, batch_size, num_workers, bar) -> None:
+    """Read, re-stain and encode the tiles of one section into its rows of ``emb``."""
+    sec = plan["section"]
+    _chroma_threshold(plan)
+    ds = _TileDataset(
+        plan["source"],
+        plan["centres_px"],
+        plan["half"],
+        tiles["tile_px"],
+        tiles["min_tissue_fraction"],
+        enc.preprocess,
+        stain,
+        plan["chroma_threshold"],
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=enc.device.type == "cuda",
+        sampler=plan["order"],
+    )
+    for idx, ok, _frac, x in loader:
+        idx, ok = idx.numpy(), ok.numpy().astype(bool)
+        if ok.any():
+            emb[sec.rows[idx[ok]]] = enc.embed(x[torch.from_numpy(ok)])
+        valid[sec.rows[idx[ok]]] = True
+        bar.update(len(idx))
+    del loader, ds
+    _release(plan["source"])  # a decoded JPEG/PNG is not kept past its section
+
+
+def _reduce(emb, valid, rec, n_components):
+    """The reference's PCA (a query), or one fitted on the valid tiles when ``n_components``
+    is given; the embedding as it is otherwise."""
     pca_rec: dict[str, Any] | None = None
     if rec and "pca" in rec:
         pca_rec = {k: np.asarray(v) for k, v in rec["pca"].items()}
     elif n_components is not None:
         pca_rec = _fit_pca(emb[valid], n_components)
-    if pca_rec is not None:
-        out = np.full((adata.n_obs, int(pca_rec["components"].shape[0])), np.nan, np.float32)
-        z = (emb[valid] - pca_rec["mean"]) / pca_rec["scale"]
-        out[valid] = (z @ pca_rec["components"].T).astype(np.float32)
-        emb = out
-
-    # ---------------- write -------------------------------------------------------------------
-    adata.obsm[key_added] = emb
-    adata.obs[VALID_KEY] = valid
-    record = {
-        **enc.describe(),
-        "feature_dim": enc.dim,
-        "feature_names": list(enc.feature_names),
-        "tile_size_um": tile_size_um,
-        "target_mpp": target_mpp,
-        "tile_px": tile_px,
-        "min_tissue_fraction": min_tissue_fraction,
-        "stain_normalization": stain_normalization or "none",
-        "normalizer": norm_rec or None,
-        "pca": pca_rec,
-        "key_added": key_added,
-        "sections": per_section,
-        "reference_encoder_sha256": rec.get("weights_sha256") if rec else None,
-    }
-    if not isinstance(adata.uns.get(UNS_KEY), dict):
-        adata.uns[UNS_KEY] = {}
-    adata.uns[UNS_KEY][RECORD_KEY] = _plain(record)
-    n_valid = int(valid.sum())
-    logger.info("embedded %d / %d spots with %s", n_valid, adata.n_obs, enc.name)
-    if n_valid == 0:
-        warnings.warn(
-            f"no spot got a usable tile: every row of obsm[{key_added!r}] is NaN. Check the "
-            "images and their scale factors, or lower min_tissue_fraction "
-            f"(now {min_tissue_fraction}).",
-            UserWarning,
-            stacklevel=2,
-        )
-    return adata if copy else None
+    if pca_rec is None:
+        return emb, None
+    out = np.full((len(emb), int(pca_rec["components"].shape[0])), np.nan, np.float32)
+    z = (emb[valid] - pca_rec["mean"]) / pca_rec["scale"]
+    out[valid] = (z @ pca_rec["components"].T).astype(np.float32)
+    return out, pca_rec
 
 
 class _SectionStore:
@@ -595,12 +583,21 @@ class _SectionStore:
     leaves either the whole file or none.
     """
 
+    @classmethod
+    def open(cls, folder, enc: Any, tiles: Mapping[str, Any], seed: int) -> _SectionStore | None:
+        """The store in ``folder`` for this encoder, tile geometry and seed (None: no folder)."""
+        if folder is None:
+            return None
+        norm = tiles["stain_normalization"] or "none"
+        settings = {**enc.describe(), "feature_dim": enc.dim, **tiles, "stain_normalization": norm}
+        return cls(folder, {**settings, "seed": seed})
+
     def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any]):
         from pathlib import Path
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.settings = {k: _jsonable(v) for k, v in settings.items()}
+        self.settings = {k: storable(v, json=True) for k, v in settings.items()}
 
     # ---------------------------------------------------------------- sections
     def _path(self, name: str):
@@ -656,7 +653,7 @@ class _SectionStore:
                 embedding=np.asarray(embedding, np.float32),
                 valid=np.asarray(valid, bool),
                 meta=np.array(json.dumps(meta)),
-                info=np.array(json.dumps(_jsonable(info))),
+                info=np.array(json.dumps(storable(info, json=True))),
             )
 
         atomic_write(self._path(plan["section"].name), write)
@@ -692,14 +689,14 @@ class _SectionStore:
     def save_stain(self, plans, target, sources) -> None:
         record = {
             "meta": self._stain_meta(plans),
-            "target": _jsonable(target),
-            "source": {k: _jsonable(v) for k, v in sources.items()},
+            "target": storable(target, json=True),
+            "source": {k: storable(v, json=True) for k, v in sources.items()},
         }
         text = json.dumps(record)
         atomic_write(self.folder / "stain.json", lambda f: f.write(text.encode()))
 
     def _compare(self, saved: Mapping[str, Any], now: Mapping[str, Any], what: str) -> None:
-        now = json.loads(json.dumps(_jsonable(now)))  # as it reads back from the file
+        now = json.loads(json.dumps(storable(now, json=True)))  # as it reads back from the file
         differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         if differ:
             detail = "; ".join(
@@ -712,35 +709,42 @@ class _SectionStore:
             )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _digest(value: Any) -> str:
     import hashlib
 
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value).tobytes() + str(value.shape).encode()
     else:
-        data = json.dumps(_jsonable(value), sort_keys=True).encode()
+        data = json.dumps(storable(value, json=True), sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
 
 
-def _encoder_from_record(rec: Mapping[str, Any]) -> Any:
-    if rec.get("encoder_kind") in ("builtin", "timm", "hf-hub", "checkpoint"):
-        return rec["encoder"]
-    raise ValueError(
-        f"the reference was embedded with a user module ({rec.get('encoder')!r}): pass the same "
-        "module as encoder= (its weights are checked against the reference's sha256)"
-    )
+def _encoder_from_record(rec: Mapping[str, Any], checkpoint_path: Any) -> tuple[Any, Any]:
+    """The reference's encoder (and weights file) rebuilt from its record: a built-in, timm,
+    hub or weights-file encoder; never a user module or a pickled module file."""
+    if rec.get("encoder_kind") not in ("builtin", "timm", "hf-hub", "checkpoint"):
+        raise ValueError(
+            f"the reference was embedded with a user module ({rec.get('encoder')!r}): pass the "
+            "same module as encoder= (its weights are checked against the reference's sha256)"
+        )
+    if rec.get("encoder_kind") != "checkpoint":
+        return rec["encoder"], checkpoint_path
+    encoder, checkpoint_path = rec["encoder"], rec["checkpoint_path"]
+    if str(encoder).startswith("file:"):
+        # a whole pickled module: loading it runs code, and its path comes from a data file,
+        # not from the user
+        raise ValueError(
+            f"the reference was embedded with a pickled module file {str(checkpoint_path)!r}, "
+            "which histovi does not open from a data file's record (unpickling runs code). If you "
+            "trust that file, load it yourself (torch.load(path, weights_only=False)) and pass it "
+            "as encoder="
+        )
+    if not os.path.exists(checkpoint_path):
+        raise ValueError(
+            f"the reference encoder's weights file {checkpoint_path!r} is gone: pass "
+            f"encoder={encoder!r}, checkpoint_path='<same weights>'"
+        )
+    return encoder, checkpoint_path
 
 
 #: A section whose spot centres span less than this share of its image's side is suspicious.
@@ -862,3 +866,34 @@ def _fit_pca(x: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
         "components": pca.components_.astype(np.float64),
         "explained_variance_ratio": pca.explained_variance_ratio_.astype(np.float64),
     }
+
+
+def _write(adata, key_added, emb, valid, enc, tiles, norm_rec, pca_rec, per_section, missing, rec):
+    """The embedding, its validity and the record of how it was made, into ``adata``."""
+    for s in missing:
+        per_section[s.name] = {"n_spots": len(s.rows), "n_valid": 0, "missing": s.missing}
+    adata.obsm[key_added] = emb
+    adata.obs[VALID_KEY] = valid
+    record = {
+        **enc.describe(),
+        "feature_dim": enc.dim,
+        "feature_names": list(enc.feature_names),
+        **tiles,
+        "stain_normalization": tiles["stain_normalization"] or "none",
+        "normalizer": norm_rec or None,
+        "pca": pca_rec,
+        "key_added": key_added,
+        "sections": per_section,
+        "reference_encoder_sha256": rec.get("weights_sha256") if rec else None,
+    }
+    record_uns(adata, RECORD_KEY, record)
+    n_valid = int(valid.sum())
+    logger.info("embedded %d / %d spots with %s", n_valid, adata.n_obs, enc.name)
+    if n_valid == 0:
+        warnings.warn(
+            f"no spot got a usable tile: every row of obsm[{key_added!r}] is NaN. Check the "
+            "images and their scale factors, or lower min_tissue_fraction "
+            f"(now {tiles['min_tissue_fraction']}).",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -11,11 +11,11 @@ from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY, SPATIAL_KEY, UNS_KEY
 from .._validation import (
-    is_whole_number,
+    check_adata,
+    check_whole_number,
     obs_names_digest,
-    require_adata,
-    require_obs,
     require_obsm,
+    require_samples,
 )
 
 
@@ -48,7 +48,7 @@ def spatial_neighbors(
     """
     import squidpy as sq
 
-    require_adata(adata)
+    check_adata(adata, allow_empty=True)
     for written in (key_added, f"{key_added}_distances"):
         if written == spatial_key:
             raise ValueError(
@@ -56,8 +56,7 @@ def spatial_neighbors(
                 f"coordinates (spatial_key={spatial_key!r}) the neighbours are computed from: "
                 "pass another key_added (default 'spatial_neighbors')."
             )
-    if not is_whole_number(n_neighbors):
-        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
+    check_whole_number(n_neighbors, "n_neighbors", what="neighbours per spot")
     coords = require_obsm(
         adata,
         spatial_key,
@@ -76,12 +75,9 @@ def spatial_neighbors(
             "spots or fix their coordinates."
         )
     if sample_key is not None:
-        require_obs(adata, sample_key, "Pass sample_key= naming the section column, or None.")
-        samples = adata.obs[sample_key].astype("category")
-        if samples.isna().any():
-            raise ValueError(
-                f"adata.obs['{sample_key}'] has missing values: every spot needs a sample."
-            )
+        samples = require_samples(
+            adata, sample_key, "Pass sample_key= naming the section column, or None."
+        )
         # categories without spots (left over after subsetting) are not samples
         samples = samples.cat.remove_unused_categories()
         sizes = samples.value_counts()
@@ -92,7 +88,9 @@ def spatial_neighbors(
                 f"{ {str(k): int(v) for k, v in small.items()} }. Remove them or lower n_neighbors."
             )
     elif adata.n_obs <= n_neighbors:
-        raise ValueError(f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}.")
+        raise ValueError(
+            f"{adata.n_obs} spots is too few for n_neighbors={n_neighbors}: lower n_neighbors."
+        )
     groups = samples.cat.codes.to_numpy() if sample_key is not None else np.zeros(adata.n_obs)
     for code in np.unique(groups):
         xy = coords[groups == code]

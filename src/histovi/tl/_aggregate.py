@@ -7,7 +7,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import NEIGHBORS_KEY
-from ._utils import check_adata, get_neighbors, get_rep, neighbor_graph, record_settings
+from .._files import record_uns
+from .._validation import check_adata, check_whole_number, get_neighbors, get_rep
+from ._utils import neighbor_graph
 
 
 def hop_rings(adj: sp.csr_matrix, n_hops: int) -> list[sp.csr_matrix]:
@@ -71,15 +73,14 @@ def aggregate_neighbors(
     ``None`` when ``inplace``; otherwise the (n_obs, (n_hops + 1) * n_dims) array.
     """
     check_adata(adata)
-    if not isinstance(n_hops, int | np.integer) or n_hops < 1:
-        raise ValueError(f"`n_hops`={n_hops!r} must be a positive integer (number of rings).")
+    check_whole_number(n_hops, "n_hops", what="number of rings")
     key = key_added or f"{use_rep}_agg{n_hops}"
     if key in (use_rep, neighbors_key):
         raise ValueError(
             f"key_added={key!r} would replace adata.obsm[{key!r}], an input of this call "
             f"({'use_rep' if key == use_rep else 'neighbors_key'}): pass another key_added."
         )
-    X = get_rep(adata, use_rep, hint="pass `use_rep=` naming an existing obsm key")
+    X = get_rep(adata, use_rep, hint="Pass use_rep= naming an existing obsm key.")
     nbrs = get_neighbors(adata, neighbors_key, sample_key=sample_key)
     adj = neighbor_graph(nbrs, symmetric=True)
     blocks = [X]
@@ -93,7 +94,7 @@ def aggregate_neighbors(
     if not inplace:
         return out
     adata.obsm[key] = out
-    record_settings(
+    record_uns(
         adata,
         "aggregate_neighbors",
         {

@@ -11,9 +11,10 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import LATENT_KEY, NEIGHBORS_KEY
+from .._files import record_uns
 from .._threads import keeps_torch_threads
-from .._validation import is_whole_number
-from ._utils import check_adata, get_neighbors, get_rep, neighbor_graph, record_settings
+from .._validation import check_adata, check_whole_number, get_neighbors, get_rep
+from ._utils import neighbor_graph
 
 ClusterMethod = Literal["gmm", "kmeans", "leiden"]
 
@@ -58,7 +59,8 @@ def cluster_embedding(
     n_neighbors
         Size of the kNN graph for ``leiden``.
     """
-    from ._utils import check_embedding, well_scaled
+    from .._validation import check_embedding
+    from ._utils import well_scaled
 
     if n_clusters is not None and isinstance(n_clusters, np.ndarray) and n_clusters.ndim == 0:
         n_clusters = n_clusters.item()
@@ -199,8 +201,7 @@ def smooth_labels(codes: np.ndarray, nbrs: np.ndarray, n_iter: int) -> np.ndarra
         raise ValueError(
             f"`nbrs` holds row numbers up to {nbrs.max()}, but there are {codes.shape[0]} spots."
         )
-    if not is_whole_number(n_iter, minimum=0):
-        raise ValueError(f"`n_iter`={n_iter!r} must be a whole number of rounds >= 0.")
+    check_whole_number(n_iter, "n_iter", minimum=0, what="majority-vote rounds")
     n = codes.shape[0]
     n_codes = int(codes.max()) + 1
     adj = neighbor_graph(nbrs) + sp.identity(n, format="csr")
@@ -280,11 +281,12 @@ def domains(
             "sample of every spot; pass another key_added (default 'domain')."
         )
     X = get_rep(adata, use_rep)
-    if not isinstance(spatial_smoothing, int | np.integer) or spatial_smoothing < 0:
-        raise ValueError(
-            f"`spatial_smoothing`={spatial_smoothing!r} must be a non-negative integer number of "
-            "majority-vote rounds (0 disables smoothing)."
-        )
+    check_whole_number(
+        spatial_smoothing,
+        "spatial_smoothing",
+        minimum=0,
+        what="majority-vote rounds; 0 disables smoothing",
+    )
     if method not in ("gmm", "kmeans", "leiden"):
         raise ValueError(f"`method`='{method}' is not supported: use 'gmm', 'kmeans' or 'leiden'.")
     codes = cluster_embedding(
@@ -305,7 +307,7 @@ def domains(
     if not inplace:
         return labels
     adata.obs[key_added] = labels
-    record_settings(
+    record_uns(
         adata,
         "domains",
         {

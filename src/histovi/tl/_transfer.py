@@ -7,7 +7,9 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import LATENT_KEY
-from ._utils import check_adata, get_obs_column, get_rep, record_settings, well_scaled
+from .._files import record_uns
+from .._validation import check_adata, check_whole_number, get_rep, require_obs
+from ._utils import well_scaled
 
 
 def _knn_weights(distances: np.ndarray) -> np.ndarray:
@@ -43,8 +45,8 @@ def transfer_labels(
     """Transfer labels from ``reference`` to ``query`` by a distance-weighted kNN vote.
 
     For each query spot the ``n_neighbors`` nearest labelled reference spots in the latent
-    space are found (exact search, :class:`sklearn.neighbors.NearestNeighbors`), weighted with
-    the Gaussian kernel of scArches' ``weighted_knn_transfer`` and their labels voted.
+    space are found and their labels voted (:class:`sklearn.neighbors.KNeighborsClassifier`,
+    exact search), weighted with the Gaussian kernel of scArches' ``weighted_knn_transfer``.
 
     Parameters
     ----------
@@ -72,7 +74,7 @@ def transfer_labels(
     predicted label (categorical with the reference's categories) and the uncertainty
     ``1 - max vote probability``.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from sklearn.neighbors import KNeighborsClassifier
 
     check_adata(reference, "reference")
     check_adata(query, "query")
@@ -84,8 +86,8 @@ def transfer_labels(
             f"'{label_key}_transferred') or inplace=False."
         )
     hint = (
-        "compute the latent for this object (e.g. model.get_latent_representation(adata)) and "
-        "store it there, or pass `use_rep=` naming an existing obsm key"
+        "Compute the latent for this object (e.g. model.get_latent_representation(adata)) and "
+        "store it there, or pass use_rep= naming an existing obsm key."
     )
     ref_rep = get_rep(reference, use_rep, "reference", hint=hint)
     qry_rep = get_rep(query, use_rep, "query", hint=hint)
@@ -96,14 +98,13 @@ def transfer_labels(
             "(map the query with HistoVI.load_query_data(query, reference_model) and take its "
             "latent)."
         )
-    if not isinstance(n_neighbors, int | np.integer) or n_neighbors < 1:
-        raise ValueError(f"`n_neighbors`={n_neighbors!r} must be a positive integer.")
-    labels = get_obs_column(
+    check_whole_number(n_neighbors, "n_neighbors", what="reference neighbours per query spot")
+    labels = require_obs(
         reference,
         label_key,
-        "reference",
-        hint="compute domains on the reference first (histovi.tl.domains(reference)) or pass "
-        "`label_key=` naming an existing column",
+        "Compute domains on the reference first (histovi.tl.domains(reference)) or pass "
+        "label_key= naming an existing column.",
+        name="reference",
     )
     if isinstance(labels.dtype, pd.CategoricalDtype):
         categories = list(labels.cat.categories)
@@ -119,12 +120,9 @@ def transfer_labels(
     n_cat = len(categories)
     ref_rep, qry_rep = well_scaled(ref_rep, qry_rep)  # distances that neither over- nor underflow
     k = int(min(n_neighbors, known.sum()))
-    nn = NearestNeighbors(n_neighbors=k).fit(ref_rep[known])
-    distances, indices = nn.kneighbors(qry_rep)
-    weights = _knn_weights(distances)
+    vote = KNeighborsClassifier(n_neighbors=k, weights=_knn_weights).fit(ref_rep[known], codes)
     probs = np.zeros((query.n_obs, n_cat))
-    rows = np.repeat(np.arange(query.n_obs), k)
-    np.add.at(probs, (rows, codes[indices].ravel()), weights.ravel())
+    probs[:, vote.classes_] = vote.predict_proba(qry_rep)  # categories without a spot get 0
     if not np.isfinite(probs).all():  # cannot happen with finite latents; never vote on NaN
         raise ValueError(
             f"label transfer gave non-finite vote weights from query.obsm['{use_rep}']: check "
@@ -143,7 +141,7 @@ def transfer_labels(
         return result
     query.obs[key] = result[key]
     query.obs[f"{key}_uncertainty"] = result[f"{key}_uncertainty"]
-    record_settings(
+    record_uns(
         query,
         "transfer_labels",
         {"label_key": label_key, "use_rep": use_rep, "n_neighbors": k, "key_added": key},
