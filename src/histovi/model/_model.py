@@ -26,12 +26,7 @@ from .._quiet import quiet_libraries
 from .._validation import check_counts, check_finite_or_nan_rows, check_indices, require_obsm
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE
-from ._checks import (
-    MORPHOLOGY_VIEW,
-    check_inference_adata,
-    check_query_genes,
-    check_setup_inputs,
-)
+from ._checks import MORPHOLOGY_VIEW, check_inference_adata, check_query_genes, check_setup_inputs
 from ._query import (
     ReferenceInfo,
     check_view_records,
@@ -53,36 +48,19 @@ from ._saving import (
     write_model,
 )
 from ._setup import anndata_fields, check_mudata, mudata_fields, registered_views, view_moments
-from ._spatial import SpatialMixCallback, domain_latent, own_posterior
-from ._training import HistoTrainingPlan, HistoTrainRunner, prepare_training
+from ._spatial import domain_latent, own_posterior
+from ._training import (  # noqa: F401 (the epochs rules, importable from here as before)
+    DEFAULT_SPOT_PASSES,
+    KL_WARMUP_FACTOR,
+    HistoTrainingPlan,
+    HistoTrainRunner,
+    default_kl_warmup_epochs,
+    default_max_epochs,
+    record_training,
+    training_kwargs,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Training budget of the default ``max_epochs``, in spot passes (spots x epochs): about 4,700
-#: minibatch updates at ``batch_size=128``. Measured with ``benchmarks/integration.py
-#: --curve``: the domain ARI peaks after a few thousand updates and then falls while the
-#: validation ELBO still improves (the latent over-integrates), on the simulator and on her2st
-#: alike; scVI's rule (8 million spot passes, 400 epochs below 20,000 spots) lies far past that
-#: peak.
-DEFAULT_SPOT_PASSES = 600_000
-
-
-def default_max_epochs(n_spots: int) -> int:
-    """Default ``max_epochs`` of :meth:`HistoVI.train`: ``DEFAULT_SPOT_PASSES / n_spots``,
-    between 20 and 400 epochs."""
-    return int(max(20, min(400, round(DEFAULT_SPOT_PASSES / max(int(n_spots), 1)))))
-
-
-#: The KL weight's linear warm-up spans this many times the training length, so that it ends
-#: near 0.22 whatever the study's size (scvi-tools' fixed 400-epoch warm-up ended anywhere
-#: between 0.05 and 1 under the epochs rule above: two different models).
-KL_WARMUP_FACTOR = 4.5
-
-
-def default_kl_warmup_epochs(max_epochs: int) -> int:
-    """Default ``n_epochs_kl_warmup`` of :meth:`HistoVI.train` (:data:`KL_WARMUP_FACTOR` times
-    ``max_epochs``)."""
-    return max(1, round(KL_WARMUP_FACTOR * int(max_epochs)))
 
 
 class HistoVI(
@@ -408,35 +386,10 @@ class HistoVI(
         neighbours' share of the domain latent is fitted to the data (not for a query, which
         keeps the reference's).
         """
-        n = self.adata.n_obs
-        is_query = getattr(self, "is_query_", False)
-        record = self.histovi_setup_
-        if max_epochs is None and is_query and record.get("train_spot_epochs"):
-            max_epochs = int(max(10, min(200, round(0.1 * record["train_spot_epochs"] / n))))
-        elif max_epochs is None:
-            max_epochs = default_max_epochs(n)
-        plan_kwargs = dict(plan_kwargs or {})
-        if "n_epochs_kl_warmup" not in plan_kwargs and "n_steps_kl_warmup" not in plan_kwargs:
-            plan_kwargs["n_epochs_kl_warmup"] = default_kl_warmup_epochs(max_epochs)
-        if is_query:
-            # weight decay would move the frozen reference weights
-            plan_kwargs.setdefault("weight_decay", 0.0)
-        if trainer_kwargs.get("strategy") in ("ddp", "ddp_spawn", "ddp_notebook"):
-            # parts of scvi-tools' decoders (zero-inflation heads) take no part in the loss:
-            # DDP must be told, or it stops at the first step
-            trainer_kwargs["strategy"] += "_find_unused_parameters_true"
-        # argument checks, checkpoint and resume, stop on divergence (model/_training.py)
-        trainer_kwargs.update(
-            prepare_training(self, max_epochs, batch_size, checkpoint_dir, trainer_kwargs)
+        # default length and KL warm-up, checkpoints, DDP, niche gathering (model/_training.py)
+        max_epochs, plan_kwargs, trainer_kwargs = training_kwargs(
+            self, max_epochs, batch_size, plan_kwargs, checkpoint_dir, trainer_kwargs
         )
-        if self.spatial_context and not is_query:
-            callbacks = list(trainer_kwargs.get("callbacks") or [])
-            trainer_kwargs["callbacks"] = [*callbacks, SpatialMixCallback(self)]
-        if not getattr(self.module, "use_niche", False):
-            # no niche decoder: the loaders need not gather the neighbours' counts
-            splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
-            splitter_kwargs.setdefault("gather_niche", False)
-            trainer_kwargs["datasplitter_kwargs"] = splitter_kwargs
         with quiet_libraries(verbose=verbose):
             out = super().train(
                 max_epochs=max_epochs,
@@ -449,8 +402,7 @@ class HistoVI(
                 plan_kwargs=plan_kwargs,
                 **trainer_kwargs,
             )
-        if not is_query:
-            record["train_spot_epochs"] = record.get("train_spot_epochs", 0) + n * max_epochs
+        record_training(self, max_epochs)
         return out
 
     # ------------------------------------------------------------------ outputs

@@ -32,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from scvi.train import TrainingPlan, TrainRunner
 
 from .._files import atomic_write
+from ._spatial import SpatialMixCallback
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,32 @@ LAST_CHECKPOINT = "last.ckpt"
 #: and the last): a killed run loses at most this much training, and a short epoch does not
 #: pay for writing (and syncing to disk) the weights and optimizer state every time.
 CHECKPOINT_INTERVAL_S = 60.0
+
+#: Training budget of the default ``max_epochs``, in spot passes (spots x epochs): about 4,700
+#: minibatch updates at ``batch_size=128``. Measured with ``benchmarks/integration.py
+#: --curve``: the domain ARI peaks after a few thousand updates and then falls while the
+#: validation ELBO still improves (the latent over-integrates), on the simulator and on her2st
+#: alike; scVI's rule (8 million spot passes, 400 epochs below 20,000 spots) lies far past that
+#: peak.
+DEFAULT_SPOT_PASSES = 600_000
+
+
+def default_max_epochs(n_spots: int) -> int:
+    """Default ``max_epochs`` of :meth:`HistoVI.train`: ``DEFAULT_SPOT_PASSES / n_spots``,
+    between 20 and 400 epochs."""
+    return int(max(20, min(400, round(DEFAULT_SPOT_PASSES / max(int(n_spots), 1)))))
+
+
+#: The KL weight's linear warm-up spans this many times the training length, so that it ends
+#: near 0.22 whatever the study's size (scvi-tools' fixed 400-epoch warm-up ended anywhere
+#: between 0.05 and 1 under the epochs rule above: two different models).
+KL_WARMUP_FACTOR = 4.5
+
+
+def default_kl_warmup_epochs(max_epochs: int) -> int:
+    """Default ``n_epochs_kl_warmup`` of :meth:`HistoVI.train` (:data:`KL_WARMUP_FACTOR` times
+    ``max_epochs``)."""
+    return max(1, round(KL_WARMUP_FACTOR * int(max_epochs)))
 
 
 class TrainingDivergedError(RuntimeError):
@@ -378,6 +405,54 @@ def checkpointing(model, checkpoint_dir, trainer_kwargs: dict) -> dict:
         logger.info(f"Resuming training from {last}.")
         out["ckpt_path"] = str(last)
     return out
+
+
+def training_kwargs(
+    model, max_epochs, batch_size, plan_kwargs, checkpoint_dir, trainer_kwargs: dict
+) -> tuple[int, dict, dict]:
+    """``max_epochs``, ``plan_kwargs`` and the Lightning arguments of :meth:`HistoVI.train`
+    (see there for the defaults), after checking its arguments."""
+    n = model.adata.n_obs
+    is_query = getattr(model, "is_query_", False)
+    record = model.histovi_setup_
+    if max_epochs is None and is_query and record.get("train_spot_epochs"):
+        max_epochs = int(max(10, min(200, round(0.1 * record["train_spot_epochs"] / n))))
+    elif max_epochs is None:
+        max_epochs = default_max_epochs(n)
+    plan_kwargs = dict(plan_kwargs or {})
+    if "n_epochs_kl_warmup" not in plan_kwargs and "n_steps_kl_warmup" not in plan_kwargs:
+        plan_kwargs["n_epochs_kl_warmup"] = default_kl_warmup_epochs(max_epochs)
+    if is_query:
+        # weight decay would move the frozen reference weights
+        plan_kwargs.setdefault("weight_decay", 0.0)
+    trainer_kwargs = dict(trainer_kwargs)
+    if trainer_kwargs.get("strategy") in ("ddp", "ddp_spawn", "ddp_notebook"):
+        # parts of scvi-tools' decoders (zero-inflation heads) take no part in the loss:
+        # DDP must be told, or it stops at the first step
+        trainer_kwargs["strategy"] += "_find_unused_parameters_true"
+    # argument checks, checkpoint and resume, stop on divergence
+    trainer_kwargs.update(
+        prepare_training(model, max_epochs, batch_size, checkpoint_dir, trainer_kwargs)
+    )
+    if model.spatial_context and not is_query:
+        callbacks = list(trainer_kwargs.get("callbacks") or [])
+        trainer_kwargs["callbacks"] = [*callbacks, SpatialMixCallback(model)]
+    if not getattr(model.module, "use_niche", False):
+        # no niche decoder: the loaders need not gather the neighbours' counts
+        splitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        splitter_kwargs.setdefault("gather_niche", False)
+        trainer_kwargs["datasplitter_kwargs"] = splitter_kwargs
+    return max_epochs, plan_kwargs, trainer_kwargs
+
+
+def record_training(model, max_epochs: int) -> None:
+    """Count a reference's training work (spots x epochs): a query's default length is a
+    tenth of it."""
+    if not getattr(model, "is_query_", False):
+        record = model.histovi_setup_
+        record["train_spot_epochs"] = (
+            record.get("train_spot_epochs", 0) + model.adata.n_obs * max_epochs
+        )
 
 
 def prepare_training(model, max_epochs, batch_size, checkpoint_dir, trainer_kwargs: dict) -> dict:
