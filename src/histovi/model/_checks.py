@@ -125,6 +125,42 @@ def check_inference_adata(model, adata) -> None:
         check_neighbors(adata, nkey, setup.get("batch_key"), check_digest=other)
 
 
+def check_model_adata(model, adata) -> None:
+    """The checks of ``model._validate_anndata`` before scvi-tools': :func:`check_inference_adata`
+    and, for an AnnData other than the model's, its counts and the width of its views."""
+    check_inference_adata(model, adata if adata is not None else model.adata)
+    if adata is None or not isinstance(adata, AnnData) or adata is model.adata:
+        return
+    check_counts(adata, model.adata_manager.registry["setup_args"].get("layer"))
+    dims = model.histovi_setup_["view_dims"]
+    for name, key in model.histovi_setup_["views"].items():
+        if key not in adata.obsm:
+            continue
+        values = require_obsm(adata, key, "")
+        check_finite_or_nan_rows(values, key)
+        if values.shape[1] != dims[name]:
+            raise ValueError(
+                f"adata.obsm['{key}'] has {values.shape[1]} columns but the model's "
+                f"'{name}' view has {dims[name]}: embed it with the reference's settings "
+                "(histovi.pp.embed_morphology(..., reference=...))."
+            )
+
+
+def check_model_args(adata, niche_weight, normalize_input, view_dropout) -> None:
+    """Arguments of :class:`HistoVI` checked before the module is built."""
+    if adata is None:
+        raise ValueError("HistoVI needs a registered AnnData: HistoVI(adata).")
+    if not np.isfinite(niche_weight) or niche_weight < 0:
+        raise ValueError(f"niche_weight={niche_weight!r}: pass a finite weight >= 0.")
+    if not isinstance(normalize_input, bool | np.bool_):
+        raise ValueError(
+            f"normalize_input={normalize_input!r}: pass True (depth-normalised encoder input, "
+            "the default) or False (raw log counts, as scVI)."
+        )
+    if not 0 <= view_dropout <= 1:
+        raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
+
+
 def check_query_genes(adata: AnnData, reference_genes) -> None:
     check_var_names(
         adata,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Sequence
 
@@ -21,19 +20,12 @@ from scvi.model.base import (
     VAEMixin,
 )
 
-from .._constants import UNS_KEY
 from .._quiet import quiet_libraries
-from .._validation import check_counts, check_finite_or_nan_rows, check_indices, require_obsm
+from .._validation import check_indices
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
-from ..module._module import NEIGHBORS_REGISTRY_KEY, HistoVAE
-from ._checks import MORPHOLOGY_VIEW, check_inference_adata, check_query_genes, check_setup_inputs
-from ._query import (
-    ReferenceInfo,
-    check_view_records,
-    plain,
-    prepare_query,
-    restore_covariate_columns,
-)
+from ..module._module import HistoVAE
+from ._checks import check_model_adata, check_model_args, check_query_genes, check_setup_inputs
+from ._query import ReferenceInfo, check_view_records, prepare_query, restore_covariate_columns
 from ._saving import (
     VERSIONS_ATTR,
     SafeLoadingMixin,
@@ -47,7 +39,7 @@ from ._saving import (
     warn_if_other_version,
     write_model,
 )
-from ._setup import anndata_fields, check_mudata, mudata_fields, registered_views, view_moments
+from ._setup import anndata_fields, build_module, check_mudata, mudata_fields
 from ._spatial import domain_latent, own_posterior
 from ._training import (  # noqa: F401 (the epochs rules, importable from here as before)
     DEFAULT_SPOT_PASSES,
@@ -59,8 +51,6 @@ from ._training import (  # noqa: F401 (the epochs rules, importable from here a
     record_training,
     training_kwargs,
 )
-
-logger = logging.getLogger(__name__)
 
 
 class HistoVI(
@@ -152,84 +142,17 @@ class HistoVI(
         **module_kwargs,
     ):
         super().__init__(adata)
-        if adata is None:
-            raise ValueError("HistoVI needs a registered AnnData: HistoVI(adata).")
-        if not np.isfinite(niche_weight) or niche_weight < 0:
-            raise ValueError(f"niche_weight={niche_weight!r}: pass a finite weight >= 0.")
-        if not isinstance(normalize_input, bool | np.bool_):
-            raise ValueError(
-                f"normalize_input={normalize_input!r}: pass True (depth-normalised encoder input, "
-                "the default) or False (raw log counts, as scVI)."
-            )
-        if not 0 <= view_dropout <= 1:
-            raise ValueError(f"view_dropout={view_dropout!r}: pass a share in [0, 1].")
-        setup = self.adata_manager.registry["setup_args"]
-        views = registered_views(self.adata_manager)
-        if not use_morphology:
-            views.pop(MORPHOLOGY_VIEW, None)
-        if not use_embeddings:
-            views = {k: v for k, v in views.items() if k == MORPHOLOGY_VIEW}
-        n_batch = self.summary_stats.n_batch
-        view_dims, view_means, view_stds = view_moments(
-            self.adata_manager, views, view_standardization, n_batch
-        )
-        has_neighbors = NEIGHBORS_REGISTRY_KEY in self.adata_manager.data_registry
-        if use_niche and not has_neighbors:
-            logger.info("No neighbors_key registered: training without the neighbourhood view.")
-        n_neighbors = (
-            self.adata_manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1]
-            if has_neighbors
-            else 1
-        )
-        self.module = self._module_cls(
-            n_input=self.summary_stats.n_vars,
-            n_batch=n_batch,
-            view_dims=view_dims,
-            view_means=view_means,
-            view_stds=view_stds,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_niche=use_niche and has_neighbors,
-            niche_weight=niche_weight,
-            n_neighbors=n_neighbors,
-            view_dropout=view_dropout,
-            normalize_input=normalize_input,
-            view_gating=bool(view_gating),
-            n_cats_per_cov=self._n_cats_per_cov(),
-            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
-            **module_kwargs,
-        )
-        self.spatial_context = bool(spatial_context) and has_neighbors
-        # What a query must match (checked by prepare_query_anndata / load_query_data).
-        uns = self.adata.uns.get(UNS_KEY, {}) if isinstance(self.adata, AnnData) else {}
-        self.histovi_setup_ = {
-            "views": {name: views[name] for name in view_dims},
-            "view_dims": view_dims,
-            "n_neighbors": int(n_neighbors) if has_neighbors else None,
-            "neighbors_key": setup.get("neighbors_key"),
-            "batch_key": setup.get("batch_key"),
-            "morphology_record": plain(uns.get("morphology")),
-            "embedding_records": plain(uns.get("embeddings")),
-            "spatial_neighbors_record": plain(uns.get("spatial_neighbors")),
-            "spatial_context": self.spatial_context,
-        }
-        self._model_summary_string = (
-            f"HistoVI: n_latent={n_latent}, views=expression"
-            + "".join(f"+{v}" for v in view_dims)
-            + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
-            + (", spatial context" if self.spatial_context else "")
-            + f", n_batch={n_batch}"
-        )
+        check_model_args(adata, niche_weight, normalize_input, view_dropout)
+        # views, their scaling, the neighbours and the record a query must match (model/_setup.py)
+        self.module, self.histovi_setup_, self._model_summary_string = build_module(
+            self, module_kwargs, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+            dropout_rate=dropout_rate, use_morphology=use_morphology,
+            use_embeddings=use_embeddings, use_niche=use_niche, niche_weight=niche_weight,
+            view_dropout=view_dropout, normalize_input=normalize_input, view_gating=view_gating,
+            view_standardization=view_standardization, spatial_context=spatial_context,
+        )  # fmt: skip
+        self.spatial_context = self.histovi_setup_["spatial_context"]
         self.init_params_ = self._get_init_params(locals())
-
-    def _n_cats_per_cov(self):
-        from scvi import REGISTRY_KEYS
-
-        if REGISTRY_KEYS.CAT_COVS_KEY not in self.adata_manager.data_registry:
-            return None
-        return self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -332,21 +255,7 @@ class HistoVI(
         cls.register_manager(manager)
 
     def _validate_anndata(self, adata=None, copy_if_view=True):
-        check_inference_adata(self, adata if adata is not None else self.adata)
-        if adata is not None and isinstance(adata, AnnData) and adata is not self.adata:
-            check_counts(adata, self.adata_manager.registry["setup_args"].get("layer"))
-            for name, key in self.histovi_setup_["views"].items():
-                if key not in adata.obsm:
-                    continue
-                values = require_obsm(adata, key, "")
-                check_finite_or_nan_rows(values, key)
-                if values.shape[1] != self.histovi_setup_["view_dims"][name]:
-                    raise ValueError(
-                        f"adata.obsm['{key}'] has {values.shape[1]} columns but the model's "
-                        f"'{name}' view has {self.histovi_setup_['view_dims'][name]}: embed it "
-                        "with the reference's settings (histovi.pp.embed_morphology(..., "
-                        "reference=...))."
-                    )
+        check_model_adata(self, adata)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _make_data_loader(self, adata, indices=None, *args, **kwargs):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import fields
 
+from .._constants import UNS_KEY
 from .._validation import check_counts, check_finite_or_nan_rows
 from ..module._module import NEIGHBORS_REGISTRY_KEY, view_registry_key
 from ._checks import MORPHOLOGY_VIEW, check_key_lists, check_mudata_inputs, view_setup
+from ._query import plain
+
+logger = logging.getLogger(__name__)
 
 #: A sample needs this many spots with a view for its own centring and scaling of that view.
 MIN_SPOTS_PER_SAMPLE_MOMENTS = 20
@@ -194,3 +201,87 @@ def view_moments(adata_manager, views, standardization: str, n_batch: int):
         means[name] = torch.tensor(mean, dtype=torch.float32)
         stds[name] = torch.tensor(std, dtype=torch.float32)
     return dims, means, stds
+
+
+def n_cats_per_cov(adata_manager):
+    """Categories of each extra categorical covariate (``None`` without any)."""
+    if REGISTRY_KEYS.CAT_COVS_KEY not in adata_manager.data_registry:
+        return None
+    return adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
+
+
+def build_module(
+    model,
+    module_kwargs: dict,
+    *,
+    n_latent,
+    n_hidden,
+    n_layers,
+    dropout_rate,
+    use_morphology,
+    use_embeddings,
+    use_niche,
+    niche_weight,
+    view_dropout,
+    normalize_input,
+    view_gating,
+    view_standardization,
+    spatial_context,
+):
+    """The module of ``model`` (a :class:`HistoVI` being built, arguments as there) and what
+    ``__init__`` records with it: the setup record (``histovi_setup_``) and the summary."""
+    manager = model.adata_manager
+    setup = manager.registry["setup_args"]
+    views = registered_views(manager)
+    if not use_morphology:
+        views.pop(MORPHOLOGY_VIEW, None)
+    if not use_embeddings:
+        views = {k: v for k, v in views.items() if k == MORPHOLOGY_VIEW}
+    n_batch = model.summary_stats.n_batch
+    view_dims, view_means, view_stds = view_moments(manager, views, view_standardization, n_batch)
+    has_neighbors = NEIGHBORS_REGISTRY_KEY in manager.data_registry
+    if use_niche and not has_neighbors:
+        logger.info("No neighbors_key registered: training without the neighbourhood view.")
+    n_neighbors = manager.get_from_registry(NEIGHBORS_REGISTRY_KEY).shape[1] if has_neighbors else 1
+    module = model._module_cls(
+        n_input=model.summary_stats.n_vars,
+        n_batch=n_batch,
+        view_dims=view_dims,
+        view_means=view_means,
+        view_stds=view_stds,
+        n_latent=n_latent,
+        n_hidden=n_hidden,
+        n_layers=n_layers,
+        dropout_rate=dropout_rate,
+        use_niche=use_niche and has_neighbors,
+        niche_weight=niche_weight,
+        n_neighbors=n_neighbors,
+        view_dropout=view_dropout,
+        normalize_input=normalize_input,
+        view_gating=bool(view_gating),
+        n_cats_per_cov=n_cats_per_cov(manager),
+        n_continuous_cov=model.summary_stats.get("n_extra_continuous_covs", 0),
+        **module_kwargs,
+    )
+    spatial_context = bool(spatial_context) and has_neighbors
+    # What a query must match (checked by prepare_query_anndata / load_query_data).
+    uns = model.adata.uns.get(UNS_KEY, {}) if isinstance(model.adata, AnnData) else {}
+    record = {
+        "views": {name: views[name] for name in view_dims},
+        "view_dims": view_dims,
+        "n_neighbors": int(n_neighbors) if has_neighbors else None,
+        "neighbors_key": setup.get("neighbors_key"),
+        "batch_key": setup.get("batch_key"),
+        "morphology_record": plain(uns.get("morphology")),
+        "embedding_records": plain(uns.get("embeddings")),
+        "spatial_neighbors_record": plain(uns.get("spatial_neighbors")),
+        "spatial_context": spatial_context,
+    }
+    summary = (
+        f"HistoVI: n_latent={n_latent}, views=expression"
+        + "".join(f"+{v}" for v in view_dims)
+        + (f"+niche(k={n_neighbors})" if use_niche and has_neighbors else "")
+        + (", spatial context" if spatial_context else "")
+        + f", n_batch={n_batch}"
+    )
+    return module, record, summary
