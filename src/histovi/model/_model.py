@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import scvi
 import torch
 from anndata import AnnData
 from mudata import MuData
@@ -40,7 +39,7 @@ from ._saving import (
     write_model,
 )
 from ._setup import anndata_fields, build_module, check_mudata, mudata_fields
-from ._spatial import domain_latent, own_posterior
+from ._spatial import latent_representation
 from ._training import (  # noqa: F401 (the epochs rules, importable from here as before)
     DEFAULT_SPOT_PASSES,
     KL_WARMUP_FACTOR,
@@ -345,29 +344,8 @@ class HistoVI(
                 adata=adata, indices=indices, give_mean=give_mean, batch_size=batch_size,
                 return_dist=return_dist, **kwargs,
             )  # fmt: skip
-        self._check_if_trained(warn=False)
-        adata = self._validate_anndata(adata)
-        manager = self.get_anndata_manager(adata)
-        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices).reshape(-1)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        rows = rows.astype(np.int64)
-        batch_size = batch_size or 1024
-        if spatial and self._has_spatial_context():
-            rng = None if give_mean else np.random.default_rng(int(scvi.settings.seed or 0))
-            mean, var = domain_latent(self, manager, rows, batch_size, rng=rng)
-        else:
-            mean, var = own_posterior(self, manager, rows, batch_size)
-            if not give_mean:
-                rng = np.random.default_rng(int(scvi.settings.seed or 0))
-                mean = mean + np.sqrt(var) * rng.standard_normal(mean.shape)
-        if return_dist:
-            return mean.astype(np.float32), var.astype(np.float32)
-        return mean.astype(np.float32)
-
-    def _has_spatial_context(self) -> bool:
-        return bool(self.histovi_setup_.get("spatial_context")) and bool(
-            (self.module.spatial_mix > 0).any()
+        return latent_representation(
+            self, adata, indices, give_mean, batch_size, spatial, return_dist
         )
 
     # ------------------------------------------------------------------ reference mapping

@@ -33,6 +33,7 @@ import logging
 
 import numpy as np
 import scipy.sparse as sp
+import scvi
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -163,6 +164,39 @@ def domain_latent(
         v = (1.0 - alpha) ** 2 * var + alpha**2 * (W2 @ v)
     at = np.searchsorted(needed, rows)
     return m[at], v[at]
+
+
+def has_spatial_context(model) -> bool:
+    """Whether ``model`` gives the domain latent: a neighbour graph and a fitted share."""
+    return bool(model.histovi_setup_.get("spatial_context")) and bool(
+        (model.module.spatial_mix > 0).any()
+    )
+
+
+def latent_representation(
+    model, adata, indices, give_mean: bool, batch_size, spatial: bool, return_dist: bool
+):
+    """The body of :meth:`HistoVI.get_latent_representation` (see there) after its argument
+    checks: the domain latent, or each spot's own, of the rows ``indices`` of ``adata``."""
+    model._check_if_trained(warn=False)
+    adata = model._validate_anndata(adata)
+    manager = model.get_anndata_manager(adata)
+    rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices).reshape(-1)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    rows = rows.astype(np.int64)
+    batch_size = batch_size or 1024
+    if spatial and has_spatial_context(model):
+        rng = None if give_mean else np.random.default_rng(int(scvi.settings.seed or 0))
+        mean, var = domain_latent(model, manager, rows, batch_size, rng=rng)
+    else:
+        mean, var = own_posterior(model, manager, rows, batch_size)
+        if not give_mean:
+            rng = np.random.default_rng(int(scvi.settings.seed or 0))
+            mean = mean + np.sqrt(var) * rng.standard_normal(mean.shape)
+    if return_dist:
+        return mean.astype(np.float32), var.astype(np.float32)
+    return mean.astype(np.float32)
 
 
 def fit_to_data(model, adata_manager, batch_size: int = 1024) -> np.ndarray:
