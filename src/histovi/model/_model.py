@@ -1,9 +1,8 @@
-"""HistoVI: the user-facing scvi-tools model (thin: data registration, training, outputs)."""
+"""HistoVI: the user-facing scvi-tools model, thin: its methods delegate to the modules beside
+it (``_setup``, ``_checks``, ``_training``, ``_spatial``, ``_query``, ``_saving``)."""
 
 from __future__ import annotations
 
-import copy
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,21 +22,9 @@ from .._quiet import quiet_libraries
 from .._validation import check_indices
 from ..data._loader import NeighborhoodDataLoader, NeighborhoodDataSplitter
 from ..module._module import HistoVAE
-from ._checks import check_model_adata, check_model_args, check_query_genes, check_setup_inputs
-from ._query import ReferenceInfo, check_view_records, prepare_query, restore_covariate_columns
-from ._saving import (
-    VERSIONS_ATTR,
-    SafeLoadingMixin,
-    SavedReference,
-    atomic_save,
-    check_load_adata,
-    current_versions,
-    load_model,
-    read_saved_model,
-    version_note,
-    warn_if_other_version,
-    write_model,
-)
+from ._checks import check_model_adata, check_model_args, check_setup_inputs
+from ._query import load_query, prepare_query
+from ._saving import SafeLoadingMixin, load_checked, save_model
 from ._setup import anndata_fields, build_module, check_mudata, mudata_fields
 from ._spatial import latent_representation
 from ._training import (  # noqa: F401 (the epochs rules, importable from here as before)
@@ -374,27 +361,7 @@ class HistoVI(
         bit for bit. The query's domain latent propagates over the query's own neighbours. Run
         :meth:`prepare_query_anndata` first.
         """
-        if isinstance(reference_model, os.PathLike):
-            reference_model = str(reference_model)
-        ref = ReferenceInfo(reference_model, cls)
-        record = ref.record
-        check_query_genes(adata, ref.var_names)
-        for name, key in record["views"].items():
-            if key not in adata.obsm:
-                raise KeyError(
-                    f"adata.obsm['{key}'] ('{name}' view of the reference) not found: run "
-                    "HistoVI.prepare_query_anndata(query, reference_model) first."
-                )
-        check_view_records(adata, record)
-        # a folder goes to scvi-tools as the model it holds, read safely (scvi-tools would
-        # unpickle a folder's file with weights_only=False)
-        source = SavedReference(ref.saved) if ref.saved is not None else reference_model
-        model = super().load_query_data(adata, source, **kwargs)
-        restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
-        model.is_query_ = True
-        # the reference's record (restored by scvi-tools), not shared with the reference object
-        model.histovi_setup_ = copy.deepcopy(model.histovi_setup_)
-        return model
+        return load_query(cls, adata, reference_model, super().load_query_data, **kwargs)
 
     def save(
         self,
@@ -411,16 +378,7 @@ class HistoVI(
         model saved there before complete and loadable. The versions of histovi, scvi-tools and
         torch are saved with the model, so :meth:`load` can say what differs.
         """
-        setattr(self, VERSIONS_ATTR, current_versions())
-        # histovi's safe format (tensors and plain values), not scvi-tools' pickle
-        atomic_save(
-            lambda path, **kw: write_model(self, path, **kw),
-            dir_path,
-            prefix,
-            overwrite,
-            save_anndata=save_anndata,
-            **kwargs,
-        )
+        save_model(self, dir_path, prefix, overwrite, save_anndata, **kwargs)
 
     @classmethod
     def load(cls, dir_path, adata=None, **kwargs) -> HistoVI:
@@ -438,18 +396,4 @@ class HistoVI(
         crafted file, or a model saved by histovi before that format) is refused with the fix
         (:func:`histovi.model.convert_saved_model` for files you trust).
         """
-        saved = read_saved_model(dir_path, kwargs.get("prefix"))
-        check_load_adata(adata, saved, dir_path)
-        warn_if_other_version(saved, dir_path)
-        try:
-            model = load_model(cls, dir_path, adata=adata, saved=saved, **kwargs)
-        except RuntimeError as err:
-            if "state_dict" not in str(err):
-                raise
-            detail = " ".join(str(err).split())[:400]
-            raise ValueError(
-                f"The weights saved in {dir_path} do not fit this version's HistoVI"
-                f"{version_note(saved)}: {detail}. Load it with the histovi version that saved "
-                "it."
-            ) from err
-        return model
+        return load_checked(cls, dir_path, adata, **kwargs)

@@ -17,8 +17,8 @@ from scvi.nn import FCLayers
 
 from .._constants import UNS_KEY
 from .._validation import get_counts
-from ._checks import query_neighbors_context
-from ._saving import read_saved_model
+from ._checks import check_query_genes, query_neighbors_context
+from ._saving import SavedReference, read_saved_model
 
 
 def prepare_query(adata: AnnData, reference_model, compute_neighbors: bool = True) -> AnnData:
@@ -106,6 +106,32 @@ def prepare_query(adata: AnnData, reference_model, compute_neighbors: bool = Tru
                 f"histovi.pp.spatial_neighbors(query, n_neighbors={record['n_neighbors']})."
             )
     return query
+
+
+def load_query(cls, adata: AnnData, reference_model, scvi_load_query_data, /, **kwargs):
+    """The body of :meth:`HistoVI.load_query_data` (see there); ``scvi_load_query_data`` is
+    scvi-tools' ``load_query_data`` bound to ``cls``."""
+    if isinstance(reference_model, os.PathLike):
+        reference_model = str(reference_model)
+    ref = ReferenceInfo(reference_model, cls)
+    record = ref.record
+    check_query_genes(adata, ref.var_names)
+    for name, key in record["views"].items():
+        if key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm['{key}'] ('{name}' view of the reference) not found: run "
+                "HistoVI.prepare_query_anndata(query, reference_model) first."
+            )
+    check_view_records(adata, record)
+    # a folder goes to scvi-tools as the model it holds, read safely (scvi-tools would
+    # unpickle a folder's file with weights_only=False)
+    source = SavedReference(ref.saved) if ref.saved is not None else reference_model
+    model = scvi_load_query_data(adata, source, **kwargs)
+    restore_covariate_columns(model.module, ref.state_dict, ref.cat_list)
+    model.is_query_ = True
+    # the reference's record (restored by scvi-tools), not shared with the reference object
+    model.histovi_setup_ = copy.deepcopy(model.histovi_setup_)
+    return model
 
 
 def plain(value):

@@ -335,6 +335,41 @@ def version_note(saved: dict) -> str:
     )
 
 
+def save_model(model, dir_path, prefix, overwrite: bool, save_anndata: bool, /, **kwargs) -> None:
+    """The body of :meth:`HistoVI.save` (see there): the versions, then :func:`write_model`
+    through :func:`atomic_save`."""
+    setattr(model, VERSIONS_ATTR, current_versions())
+    # histovi's safe format (tensors and plain values), not scvi-tools' pickle
+    atomic_save(
+        lambda path, **kw: write_model(model, path, **kw),
+        dir_path,
+        prefix,
+        overwrite,
+        save_anndata=save_anndata,
+        **kwargs,
+    )
+
+
+def load_checked(cls, dir_path, adata=None, /, **kwargs):
+    """The body of :meth:`HistoVI.load` (see there): the folder read and checked, then
+    :func:`load_model`."""
+    saved = read_saved_model(dir_path, kwargs.get("prefix"))
+    check_load_adata(adata, saved, dir_path)
+    warn_if_other_version(saved, dir_path)
+    try:
+        model = load_model(cls, dir_path, adata=adata, saved=saved, **kwargs)
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        detail = " ".join(str(err).split())[:400]
+        raise ValueError(
+            f"The weights saved in {dir_path} do not fit this version's HistoVI"
+            f"{version_note(saved)}: {detail}. Load it with the histovi version that saved "
+            "it."
+        ) from err
+    return model
+
+
 def warn_if_other_version(saved: dict, path) -> None:
     old = saved["attr_dict"].get(VERSIONS_ATTR) or {}
     now = current_versions()
@@ -344,7 +379,7 @@ def warn_if_other_version(saved: dict, path) -> None:
             f"{now['histovi']}: it loads, but its latent may differ slightly from the one the "
             "saving version gave. Install the saving version to reproduce it exactly.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of HistoVI.load (through load_checked)
         )
 
 
@@ -474,7 +509,7 @@ def _read_saved_adata(folder: Path, prefix: str, registry: dict):
             "Save path contains no saved anndata and no adata was passed. Model will be loaded "
             "without anndata.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,  # the caller of HistoVI.load (through load_checked, load_model)
         )
         return False
     check_regular_file(path, "saved AnnData")
