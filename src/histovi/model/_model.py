@@ -184,6 +184,8 @@ class HistoVI(
                 f"setup_anndata needs an AnnData, got {type(adata).__name__}: use "
                 "HistoVI.setup_mudata for MuData, or histovi.io.from_spatialdata for SpatialData."
             )
+        # first, with nothing but the arguments in locals(): they are what the registry records
+        setup_method_args = cls._get_setup_method_args(**locals())
         keys = (layer, batch_key, morphology_key, neighbors_key, embedding_keys, labels_key)
         covariates = (categorical_covariate_keys, continuous_covariate_keys)
         # a query (set up from a reference's registry) may lack a view entirely
@@ -194,7 +196,6 @@ class HistoVI(
             allow_missing_views="source_registry" in kwargs,
             allow_missing_labels=bool(kwargs.get("allow_missing_labels")),
         )
-        setup_method_args = cls._get_setup_method_args(**locals())
         manager = AnnDataManager(
             fields=anndata_fields(*keys, *covariates), setup_method_args=setup_method_args
         )
