@@ -1014,3 +1014,15 @@ def test_security_policy_and_sharing_docs_exist():
     assert "weights_only" in page.read_text()
     index = json.dumps((root / "docs" / "index.md").read_text())
     assert "user_guide/sharing_models" in index
+
+
+def test_json_records_hold_no_bare_nan():
+    """metrics.json and other JSON records are strict JSON: a NaN score is written as null (a
+    bare NaN makes other JSON readers refuse the whole file)."""
+    from histovi._files import storable
+
+    record = storable(
+        {"ari": np.float64("nan"), "per": np.array([1.0, np.inf]), "n": np.int64(3)}, json=True
+    )
+    text = json.dumps(record, allow_nan=False)
+    assert json.loads(text) == {"ari": None, "per": [1.0, None], "n": 3}

@@ -65,16 +65,18 @@ def storable(value: Any, *, json: bool = False) -> Any:
     file (``json=True``) can hold: mappings get string keys and numpy scalars become Python
     numbers. For h5ad, ``None`` entries of mappings are dropped (h5ad cannot hold ``None``) and
     lists and tuples become numpy arrays (object arrays when they hold strings only); for JSON,
-    arrays, lists and tuples become lists and ``None`` is kept."""
+    arrays, lists and tuples become lists, ``None`` is kept and NaN / infinity become ``None``."""
     if isinstance(value, Mapping):
         return {str(k): storable(v, json=json) for k, v in value.items() if json or v is not None}
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if json:
         if isinstance(value, np.ndarray):
-            return value.tolist()
+            value = value.tolist()
         if isinstance(value, list | tuple):
             return [storable(v, json=True) for v in value]
+        if isinstance(value, float) and not np.isfinite(value):
+            return None  # strict JSON has no NaN / inf: other readers refuse the file
         return value
     if isinstance(value, list | tuple):
         if value and all(isinstance(v, str) for v in value):

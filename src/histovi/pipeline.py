@@ -670,7 +670,10 @@ def write_outputs(
         adata.write_h5ad(tmp)
     folder.wrote("adata.h5ad")
     with atomic_file(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"summary": summary, **result}, indent=2, default=str))
+        from ._files import storable
+
+        record = storable({"summary": summary, **result}, json=True)
+        tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
     folder.wrote("metrics.json")
 
 
