@@ -471,3 +471,46 @@ def test_default_epochs_follow_the_spot_pass_budget(small_adata, monkeypatch):
     model = HistoVI(small_adata, n_latent=3, n_hidden=16)
     model.train(enable_progress_bar=False, enable_model_summary=False)
     assert len(model.history["elbo_train"]) == 20
+
+
+def test_training_learns_domains_across_patients_better_than_pca():
+    """Quality, not shapes: on a small simulated study (2 patients x 2 sections, 784 spots) the
+    trained latent's k-means domains match the truth better than those of uncorrected PCA, and
+    mix the patients more (PCA's clusters are nearly one patient's each). Measured: pooled ARI
+    0.55 vs 0.43, patient purity 0.79 vs 0.93; a stub, an untrained model or a latent that
+    keeps the patients apart fails."""
+    import pandas as pd
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    import histovi
+
+    adata = histovi.datasets.simulate(
+        n_patients=2, n_sections_per_patient=2, grid_size=(14, 14), n_genes=200,
+        marker_lfc=2.5, absent_domains=False, sections_without_image=0, seed=0,
+    )  # fmt: skip
+    histovi.pp.spatial_neighbors(adata, sample_key="sample", n_neighbors=6)
+    truth = adata.obs["domain"].astype(str).to_numpy()
+    k = len(np.unique(truth))
+
+    pca = sc.AnnData(adata.layers["counts"].copy())
+    sc.pp.normalize_total(pca, target_sum=1e4)
+    sc.pp.log1p(pca)
+    sc.pp.pca(pca, n_comps=16, random_state=0)
+
+    HistoVI.setup_anndata(
+        adata, layer="counts", batch_key="sample", morphology_key="X_morphology",
+        neighbors_key="spatial_neighbors",
+    )  # fmt: skip
+    model = HistoVI(adata)
+    model.train(max_epochs=150, enable_progress_bar=False)
+
+    def scores(x):
+        clusters = np.asarray(histovi.tl.cluster_embedding(x, k, "kmeans", random_state=0))
+        purity = pd.crosstab(clusters, adata.obs["patient"].to_numpy(), normalize="index")
+        return adjusted_rand_score(truth, clusters.astype(str)), purity.max(1).mean()
+
+    ari_pca, purity_pca = scores(pca.obsm["X_pca"])
+    ari_model, purity_model = scores(model.get_latent_representation())
+    assert ari_model >= ari_pca + 0.05, (ari_model, ari_pca)
+    assert purity_model <= purity_pca - 0.05, (purity_model, purity_pca)
