@@ -24,7 +24,10 @@ Other modes:
   synthetic minibatch, no data set or loader;
 * ``--morphology ENCODER ...``: morphology embedding throughput (tiles per second, peak RSS) of
   :func:`histovi.pp.embed_morphology` on simulated H&E images, per encoder and ``--device``
-  (timm encoders with random weights).
+  (timm encoders with random weights);
+* ``--pipeline``: the command line against the Python API on the built-in data, same machine,
+  same run: ``histovi run --max-epochs E`` (its training stage, checkpoints included) and
+  ``HistoVI.train(max_epochs=E)`` + ``get_latent_representation()`` on the data that run wrote.
 
 Usage::
 
@@ -32,6 +35,7 @@ Usage::
     python benchmarks/scaling.py --sizes 1000000 --limit-batches 300
     python benchmarks/scaling.py --step
     python benchmarks/scaling.py --morphology stain-texture resnet50 --device cpu
+    python benchmarks/scaling.py --pipeline --epochs 40
 """
 
 from __future__ import annotations
@@ -278,6 +282,41 @@ def morphology_job(encoder: str, n_spots: int, device: str, threads: int | None 
     }
 
 
+def pipeline_vs_api(out: Path, epochs: int) -> list[dict]:
+    """Seconds per epoch of the CLI's training stage and of the API on the same data."""
+    import re
+    import subprocess
+
+    import anndata as ad
+
+    run_dir = out / "pipeline_run"
+    cmd = [sys.executable, "-m", "histovi", "run", "--out", str(run_dir), "--overwrite"]
+    start = time.perf_counter()
+    proc = subprocess.run([*cmd, "--max-epochs", str(epochs)], capture_output=True, text=True)
+    whole = time.perf_counter() - start
+    found = re.search(r"train HistoVI: done in ([0-9.]+) s", proc.stdout + proc.stderr)
+    if proc.returncode or not found:
+        raise RuntimeError(f"histovi run failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    import histovi
+
+    adata = ad.read_h5ad(run_dir / "adata.h5ad")
+    histovi.HistoVI.setup_anndata(
+        adata, layer="counts" if "counts" in adata.layers else None, batch_key="sample",
+        morphology_key="X_morphology", neighbors_key="spatial_neighbors",
+    )  # fmt: skip
+    model = histovi.HistoVI(adata)
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, enable_progress_bar=False)
+    model.get_latent_representation()
+    api = time.perf_counter() - start
+    cli = float(found.group(1))
+    common = {"spots": adata.n_obs, "epochs": epochs}
+    return [
+        {"how": "histovi run", **common, "s/epoch": cli / epochs, "train_s": cli, "whole_s": whole},
+        {"how": "HistoVI.train", **common, "s/epoch": api / epochs, "train_s": api},
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,6 +334,7 @@ def main(argv=None) -> int:
     parser.add_argument("--morphology", nargs="+", metavar="ENCODER", help="tiles per second")
     parser.add_argument("--n-tiles", type=int, default=1000, help="tiles for --morphology")
     parser.add_argument("--device", default="cpu", help="device for --morphology")
+    parser.add_argument("--pipeline", action="store_true", help="CLI vs API, built-in data")
     parser.add_argument("--out", default="benchmarks/results/scaling")
     parser.add_argument("--cache", help="study cache (default OUT/data)")
     args = parser.parse_args(argv)
@@ -304,6 +344,12 @@ def main(argv=None) -> int:
         H.limit_threads(args.threads)
         md = H.markdown(pd.DataFrame(time_steps(args.batch_size, args.genes, args.morphology_dim)))
         (out / "step.md").write_text(md)
+        print(md)
+        return 0
+    if args.pipeline:
+        epochs = max(args.epochs, 40)
+        md = H.markdown(pd.DataFrame(pipeline_vs_api(out, epochs)), 2)
+        (out / "pipeline.md").write_text(md)
         print(md)
         return 0
     if args.morphology:
