@@ -42,3 +42,13 @@ def tiny_model(adata, seed: int = 0, setup: dict | None = None, **model_kwargs):
     scvi.settings.seed = seed
     HistoVI.setup_anndata(adata, **{**SETUP, **(setup or {})})
     return HistoVI(adata, n_latent=3, n_hidden=8, **model_kwargs)
+
+
+def cli_args(max_epochs: int = 1) -> list[str]:
+    """Arguments of a tiny `histovi run` on the built-in simulator (2 patients x 1 section of
+    8 x 8 spots, 40 genes, precomputed morphology, no labels, quiet)."""
+    return [
+        "--sim-grid", "8", "--sim-patients", "2", "--sim-sections", "1", "--sim-genes", "40",
+        "--max-epochs", str(max_epochs), "--label-key", "none", "--n-domains", "3",
+        "--encoder", "precomputed", "--quiet",
+    ]  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 import scvi
 import torch
 from _messages import assert_names, raises_naming, warns_naming
-from _tiny import TRAIN, tiny_model
+from _tiny import TRAIN, cli_args, tiny_model
 
 import histovi
 from histovi import HistoVI
@@ -445,25 +445,7 @@ def test_resumed_run_under_another_seed_warns(tmp_path, tiny_adata, caplog):
 
 
 # ------------------------------------------------------------------ histovi run
-CLI_TINY = [
-    "--sim-grid",
-    "8",
-    "--sim-patients",
-    "2",
-    "--sim-sections",
-    "1",
-    "--sim-genes",
-    "40",
-    "--max-epochs",
-    "3",
-    "--label-key",
-    "none",
-    "--n-domains",
-    "3",
-    "--encoder",
-    "precomputed",
-    "--quiet",
-]
+CLI_TINY = cli_args(max_epochs=3)
 
 
 def _latent(folder: Path) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from _messages import assert_names, raises_naming, warns_naming
-from _tiny import TRAIN, tiny_model
+from _tiny import TRAIN, cli_args, tiny_model
 
 import histovi
 from histovi import HistoVI
@@ -159,25 +159,7 @@ def test_checkpoints_are_written_and_read_with_weights_only(tmp_path, tiny_adata
 
 
 #: a tiny `histovi run` (its training is never reached by the refusals below)
-CLI_SIM = [
-    "--sim-grid",
-    "8",
-    "--sim-patients",
-    "2",
-    "--sim-sections",
-    "1",
-    "--sim-genes",
-    "40",
-    "--max-epochs",
-    "1",
-    "--label-key",
-    "none",
-    "--n-domains",
-    "3",
-    "--encoder",
-    "precomputed",
-    "--quiet",
-]
+CLI_SIM = cli_args(max_epochs=1)
 
 
 def test_cli_resume_from_a_crafted_checkpoint_never_runs_it(tmp_path, capsys):
