@@ -5,8 +5,12 @@ sections (batch = section); every embedding is clustered the same way (Gaussian 
 k-means, k = number of labels, all spots clustered), labelled spots are scored per section
 (ARI, NMI), averaged over sections, over the two clusterings and over training seeds (the
 clustering seed is the training seed; ± is the sd over seeds); scib-metrics batch / bio scores
-on labelled spots; the patient purity of the k-means clusters; wall time and peak memory of
-each method, run in its own process (:mod:`_harness`).
+on labelled spots; the patient purity of the k-means clusters; *transfer*, whether the
+embedding's domains carry over between patients (leave one patient out: k-means of the other
+patients' spots, their domains moved onto the left-out patient by
+:func:`histovi.tl.transfer_labels`, ARI on its labelled sections; the joint-latent version of
+``reference_mapping.py``, available for every method); wall time and peak memory of each
+method, run in its own process (:mod:`_harness`).
 
 Usage::
 
@@ -210,7 +214,36 @@ def score(adata: AnnData, X: np.ndarray, seed: int, fast: bool) -> tuple[pd.Data
             light, "cluster", _data.LABEL_KEY, _data.PATIENT_KEY, _data.IGNORE_LABELS
         )
         scores["purity"] = float(comp["group_share"].mean())
+        scores["transfer"] = transfer_ari(adata, X, k, seed)
     return per, scores
+
+
+def transfer_ari(adata: AnnData, X: np.ndarray, k: int, seed: int) -> float:
+    """Leave one patient out within one embedding: k-means (k clusters) of the other patients'
+    spots, moved onto the left-out patient's spots by :func:`histovi.tl.transfer_labels`; ARI
+    per labelled section of the left-out patient, mean over sections then patients. Domains
+    that mean "this patient" transfer at ARI ~ 0 while scoring well section by section."""
+    import histovi
+    from histovi.metrics import per_sample_scores
+
+    patients = adata.obs[_data.PATIENT_KEY].astype(str).to_numpy()
+    labels = adata.obs[_data.LABEL_KEY]
+    aris = []
+    for p in np.unique(patients):
+        held = patients == p
+        if labels[held].isna().all():
+            continue
+        ref = AnnData(obs=pd.DataFrame(index=adata.obs_names[~held]), obsm={"Z": X[~held]})
+        ref.obs["domain"] = histovi.tl.cluster_embedding(X[~held], k, "kmeans", random_state=seed)
+        query = AnnData(obs=pd.DataFrame(index=adata.obs_names[held]), obsm={"Z": X[held]})
+        moved = histovi.tl.transfer_labels(ref, query, "domain", use_rep="Z", inplace=False)
+        light = AnnData(obs=adata.obs.loc[held, [_data.SAMPLE_KEY, _data.LABEL_KEY]].copy())
+        light.obs["domain"] = pd.Categorical(moved["domain"].astype(str).to_numpy())
+        scores = per_sample_scores(
+            light, _data.LABEL_KEY, "domain", _data.SAMPLE_KEY, ignore=_data.IGNORE_LABELS
+        )
+        aris.append(float(scores["ARI"].mean()))
+    return float(np.mean(aris)) if aris else float("nan")
 
 
 def method_row(name: str, per: pd.DataFrame, scores: pd.DataFrame, recs: list[dict]) -> dict:
@@ -278,7 +311,12 @@ def study_table(table: pd.DataFrame, adata: AnnData, seeds, fast: bool, max_epoc
         H.fmt(r.get("ARI"), r.get("ARI_sd")) if o else r["status"]
         for o, (_, r) in zip(ok, table.iterrows(), strict=True)
     ]
-    for col, head in (("NMI", "NMI"), ("iLISI", "iLISI"), ("purity", "purity")):
+    for col, head in (
+        ("NMI", "NMI"),
+        ("iLISI", "iLISI"),
+        ("purity", "purity"),
+        ("transfer", "transfer"),
+    ):
         main[head] = table[col] if col in table else np.nan
     main["wall s"] = table["wall_s"].round(1) if "wall_s" in table else np.nan
     main["peak MB"] = table["peak_mb"].round(0) if "peak_mb" in table else np.nan
@@ -296,7 +334,8 @@ def study_table(table: pd.DataFrame, adata: AnnData, seeds, fast: bool, max_epoc
         "- ARI / NMI: per labelled section, mean over sections, GMM and k-means (k = number "
         "of labels, all spots clustered), then over seeds (± sd). iLISI: scib-metrics on "
         "labelled spots. purity: patient purity of the k-means clusters (1 = every cluster is "
-        "one patient's). wall s: median over seeds; peak MB: peak RSS above the loaded data.",
+        "one patient's). transfer: ARI of domains moved onto a left-out patient from k-means "
+        "of the others (mean over patients). wall s: median over seeds; peak MB: peak RSS above the loaded data.",
     ]
     for _, r in table.iterrows():
         text = r.get("settings") if r["status"] == "ok" else r.get("note")

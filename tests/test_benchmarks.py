@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from anndata import AnnData
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -31,6 +32,7 @@ def test_integration_scores_methods_caches_and_reports_what_cannot_run(tmp_path,
         row = table[name]
         assert row["status"] == "ok" and -1 <= row["ARI"] <= 1 and 0 <= row["NMI"] <= 1
         assert 0 < row["iLISI"] <= 1 and 0 < row["purity"] <= 1 and row["wall_s"] > 0
+        assert -1 <= row["transfer"] <= 1
     assert table["HistoVI"]["epochs"] == "1" and table["PCA"]["epochs"] == ""
     # a method that cannot run is a row with its reason, never dropped
     assert table["Missing"]["status"] == "unavailable"
@@ -174,3 +176,21 @@ def test_scaling_on_a_tiny_study(tmp_path):
         assert row["n_spots"] == 400 and row["extrapolated"] and row["sec_per_epoch"] > 0
     md = scaling.scaling_table(rows)
     assert "HistoVI / scVI" in md and "~" in md
+
+
+def test_transfer_ari_rewards_domains_shared_by_patients():
+    """Domains that mean "this patient" do not transfer; domains shared by patients do."""
+    rng = np.random.default_rng(0)
+    n = 400
+    patient = np.repeat(["P1", "P2"], n // 2)
+    label = np.tile(np.repeat(["a", "b"], n // 4), 2)
+    obs = pd.DataFrame({"patient": patient, "sample": patient, "label": label})
+    adata = AnnData(obs=obs.set_index(pd.Index([f"s{i}" for i in range(n)])))
+    domain = (label == "b").astype(float)[:, None]
+    shared = np.hstack([domain * 5, rng.normal(size=(n, 1))])
+    # each patient's domains shifted far apart and in a different direction: domain b of P2
+    # lands where domain a of P1 is
+    shifted = shared.copy()
+    shifted[patient == "P2", 0] = 5 - shifted[patient == "P2", 0] + 20
+    assert integration.transfer_ari(adata, shared, 2, 0) > 0.9
+    assert integration.transfer_ari(adata, shifted, 2, 0) < 0.1
