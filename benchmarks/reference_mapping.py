@@ -162,11 +162,6 @@ def holdout_job(
         light["reference"], light["query"], "domain", use_rep="Z", inplace=False
     )
     row[f"{model} query"] = _ari(query_raw.obs, moved["domain"].astype(str).to_numpy())
-    # the query's own k-means domains: does the mapped latent keep the patient's structure,
-    # whatever reference domains it lands among?
-    row[f"{model} query alone"] = _ari(
-        query_raw.obs, _domains(z_query, raw.obs[_data.LABEL_KEY], seed)
-    )
     row[f"{model} reference purity"] = _purity(reference.obs, domains)
     row[f"{model} reference unchanged"] = bool(
         np.array_equal(ref.get_latent_representation(), z_ref)
@@ -211,7 +206,7 @@ def _run(out_dir: Path, name: str, function: str, kwargs: dict, isolate: bool) -
     return result
 
 
-COLUMNS = ("joint", "query", "Δ query−joint", "query alone", "reference purity")
+COLUMNS = ("joint", "query", "Δ query−joint", "reference purity")
 
 
 def table(rows: list[dict], joints: dict[int, dict], models: Sequence[str]) -> pd.DataFrame:
@@ -313,9 +308,7 @@ def run(
         f"- query: {query_epochs} epochs; reference and joint: "
         f"{max_epochs or 'each model’s epoch rule'}; domains: k-means, k = number of labels; "
         "ARI on the held-out patient's labelled sections. query: the reference's domains "
-        "transferred; query alone: k-means of the mapped query latent by itself (the "
-        "structure kept, wherever it landed); purity: patient purity of the reference's "
-        "domains. Δ: query − joint (the goal: ≥ −0.03).",
+        "transferred; purity: patient purity of the reference's domains. Δ: query − joint (the goal: ≥ −0.03).",
         *(f"- failed: {f.get('error', f)}" for f in failed),
     ]
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
