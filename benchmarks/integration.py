@@ -218,12 +218,26 @@ def score(adata: AnnData, X: np.ndarray, seed: int, fast: bool) -> tuple[pd.Data
     return per, scores
 
 
-def transfer_ari(adata: AnnData, X: np.ndarray, k: int, seed: int) -> float:
-    """Leave one patient out within one embedding: k-means (k clusters) of the other patients'
-    spots, moved onto the left-out patient's spots by :func:`histovi.tl.transfer_labels`; ARI
-    per labelled section of the left-out patient, mean over sections then patients. Domains
-    that mean "this patient" transfer at ARI ~ 0 while scoring well section by section."""
+def transfer_domains(z_ref: np.ndarray, z_query: np.ndarray, k: int, seed: int):
+    """k-means domains (k clusters) of the reference spots ``z_ref``, and those domains moved onto
+    the query spots ``z_query`` by :func:`histovi.tl.transfer_labels` (the protocol's step from a
+    reference to a new patient): ``(reference domains, query domains)`` as strings."""
     import histovi
+
+    domains = histovi.tl.cluster_embedding(z_ref, k, "kmeans", random_state=seed).astype(str)
+    ref = AnnData(obs=pd.DataFrame({"domain": domains}, index=np.arange(len(z_ref)).astype(str)))
+    ref.obsm["Z"] = z_ref
+    query = AnnData(obs=pd.DataFrame(index=np.arange(len(z_query)).astype(str)))
+    query.obsm["Z"] = z_query
+    moved = histovi.tl.transfer_labels(ref, query, "domain", use_rep="Z", inplace=False)
+    return domains, moved["domain"].astype(str).to_numpy()
+
+
+def transfer_ari(adata: AnnData, X: np.ndarray, k: int, seed: int) -> float:
+    """Leave one patient out within one embedding: the other patients' k-means domains moved
+    onto the left-out patient (:func:`transfer_domains`); ARI per labelled section of the
+    left-out patient, mean over sections then patients. Domains that mean "this patient"
+    transfer at ARI ~ 0 while scoring well section by section."""
     from histovi.metrics import per_sample_scores
 
     patients = adata.obs[_data.PATIENT_KEY].astype(str).to_numpy()
@@ -233,12 +247,9 @@ def transfer_ari(adata: AnnData, X: np.ndarray, k: int, seed: int) -> float:
         held = patients == p
         if labels[held].isna().all():
             continue
-        ref = AnnData(obs=pd.DataFrame(index=adata.obs_names[~held]), obsm={"Z": X[~held]})
-        ref.obs["domain"] = histovi.tl.cluster_embedding(X[~held], k, "kmeans", random_state=seed)
-        query = AnnData(obs=pd.DataFrame(index=adata.obs_names[held]), obsm={"Z": X[held]})
-        moved = histovi.tl.transfer_labels(ref, query, "domain", use_rep="Z", inplace=False)
+        _, moved = transfer_domains(X[~held], X[held], k, seed)
         light = AnnData(obs=adata.obs.loc[held, [_data.SAMPLE_KEY, _data.LABEL_KEY]].copy())
-        light.obs["domain"] = pd.Categorical(moved["domain"].astype(str).to_numpy())
+        light.obs["domain"] = pd.Categorical(moved)
         scores = per_sample_scores(
             light, _data.LABEL_KEY, "domain", _data.SAMPLE_KEY, ignore=_data.IGNORE_LABELS
         )

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _data  # noqa: E402
 import _harness as H  # noqa: E402
 import _methods  # noqa: E402
+import integration  # noqa: E402
 
 QUERY_EPOCHS = 100
 #: scVI settings for scArches (scvi-tools' reference-mapping tutorial).
@@ -151,17 +152,11 @@ def holdout_job(
         ref = _fit(model, reference, seed, max_epochs)
         z_ref = ref.get_latent_representation()
         z_query = _map_query(model, ref, query_raw, seed, query_epochs)
-    domains = _domains(z_ref, raw.obs[_data.LABEL_KEY], seed)
-    light = {
-        "reference": AnnData(obs=reference.obs[[]]),
-        "query": AnnData(obs=query_raw.obs[[]]),
-    }
-    light["reference"].obs["domain"] = domains
-    light["reference"].obsm["Z"], light["query"].obsm["Z"] = z_ref, z_query
-    moved = histovi.tl.transfer_labels(
-        light["reference"], light["query"], "domain", use_rep="Z", inplace=False
+    k = histovi.metrics.n_label_classes(
+        raw.obs[_data.LABEL_KEY].astype(object).to_numpy(), _data.IGNORE_LABELS
     )
-    row[f"{model} query"] = _ari(query_raw.obs, moved["domain"].astype(str).to_numpy())
+    domains, moved = integration.transfer_domains(z_ref, z_query, k, seed)
+    row[f"{model} query"] = _ari(query_raw.obs, moved)
     row[f"{model} reference purity"] = _purity(reference.obs, domains)
     row[f"{model} reference unchanged"] = bool(
         np.array_equal(ref.get_latent_representation(), z_ref)
