@@ -63,12 +63,11 @@ MODELS = ("HistoVI", "scVI-scArches")
 SCVI_NAME = "scVI-scArches"
 
 
-def _domains(z: np.ndarray, labels: pd.Series, seed: int) -> np.ndarray:
-    """k-means of a latent, k = number of labels (the protocol's clustering)."""
+def _n_domains(labels: pd.Series) -> int:
+    """k of the protocol's clustering: the number of labels of the whole study."""
     import histovi
 
-    k = histovi.metrics.n_label_classes(labels.astype(object).to_numpy(), _data.IGNORE_LABELS)
-    return histovi.tl.cluster_embedding(z, k, "kmeans", random_state=seed).astype(str)
+    return histovi.metrics.n_label_classes(labels.astype(object).to_numpy(), _data.IGNORE_LABELS)
 
 
 def _ari(obs: pd.DataFrame, predicted: np.ndarray) -> float:
@@ -140,8 +139,6 @@ def holdout_job(
     key: dict | None = None,
 ) -> dict[str, Any]:
     """One model, held-out patient and seed (runs in its own process)."""
-    import histovi
-
     H.limit_threads(threads)
     raw = _data.load_raw(data, H.DEFAULT_CACHE)
     is_query = (raw.obs[_data.PATIENT_KEY] == patient).to_numpy()
@@ -152,9 +149,7 @@ def holdout_job(
         ref = _fit(model, reference, seed, max_epochs)
         z_ref = ref.get_latent_representation()
         z_query = _map_query(model, ref, query_raw, seed, query_epochs)
-    k = histovi.metrics.n_label_classes(
-        raw.obs[_data.LABEL_KEY].astype(object).to_numpy(), _data.IGNORE_LABELS
-    )
+    k = _n_domains(raw.obs[_data.LABEL_KEY])
     domains, moved = integration.transfer_domains(z_ref, z_query, k, seed)
     row[f"{model} query"] = _ari(query_raw.obs, moved)
     row[f"{model} reference purity"] = _purity(reference.obs, domains)
@@ -174,11 +169,14 @@ def joint_job(
     key: dict | None = None,
 ) -> dict[str, Any]:
     """One model trained on every patient; ARI of the k-means domains per patient."""
+    import histovi
+
     H.limit_threads(threads)
     adata = _data.prepare(_data.load_raw(data, H.DEFAULT_CACHE))
     out: dict[str, Any] = {"seed": seed, "key": key}
     z = _fit(model, adata, seed, max_epochs).get_latent_representation()
-    domains = _domains(z, adata.obs[_data.LABEL_KEY], seed)
+    k = _n_domains(adata.obs[_data.LABEL_KEY])
+    domains = histovi.tl.cluster_embedding(z, k, "kmeans", random_state=seed).astype(str)
     patients = adata.obs[_data.PATIENT_KEY].astype(str).to_numpy()
     for p in np.unique(patients):
         sel = patients == p
