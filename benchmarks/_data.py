@@ -64,11 +64,14 @@ SIM_SCENARIOS: dict[str, dict[str, Any]] = {
 }
 
 #: Real studies first: they decide (EVALUATION.md).
-SCENARIOS = ("starmap", "starmap_view", "her2st", *SIM_SCENARIOS)
+SCENARIOS = ("starmap", "starmap_view", "starmap_spots", "her2st", *SIM_SCENARIOS)
 
 #: The synthetic image view of ``starmap_view`` (issue 29): a section-specific shift, noise and
 #: a weak domain signal, in ``VIEW_DIM`` dimensions.
 VIEW_DIM, VIEW_SECTION_SD, VIEW_NOISE_SD, VIEW_SIGNAL_SD = 32, 2.0, 1.0, 0.4
+#: Side of the square spots of ``starmap_spots`` in the study's pixels: about 5 cells a spot
+#: (median), as many as a Visium spot holds, so the same cortex is seen as a spot technology.
+SPOT_SIDE_PX = 600
 
 
 def shared_data_dir() -> Path:
@@ -139,6 +142,46 @@ def _starmap(view: bool = False) -> AnnData:
     )
 
 
+def _starmap_spots() -> AnnData:
+    """STARmap binned into square spots of :data:`SPOT_SIDE_PX` per section: counts summed, the
+    label the commonest of the spot's cells (a tie goes to the first layer in order), the
+    position the mean of its cells'."""
+    import scipy.sparse as sp
+
+    cells = _read_shared("starmap_mpfc/starmap_mpfc.h5ad")
+    xy = np.asarray(cells.obsm["spatial"], float)
+    samples = cells.obs[SAMPLE_KEY].astype(str).to_numpy()
+    spot, grid = np.empty(cells.n_obs, dtype=object), np.zeros((cells.n_obs, 2), dtype=int)
+    for s in np.unique(samples):
+        sel = samples == s
+        grid[sel] = np.floor((xy[sel] - xy[sel].min(0)) / SPOT_SIDE_PX).astype(int)
+        spot[sel] = [f"{s}_{i}_{j}" for i, j in grid[sel]]
+    codes, names = pd.factorize(spot)
+    members = sp.csr_matrix(
+        (np.ones(cells.n_obs, dtype=np.float32), (codes, np.arange(cells.n_obs))),
+        shape=(len(names), cells.n_obs),
+    )
+    counts = sp.csr_matrix(members @ sp.csr_matrix(cells.layers["counts"]))
+    obs = pd.DataFrame(
+        {
+            SAMPLE_KEY: pd.Series(samples).groupby(codes).first().to_numpy(),
+            LABEL_KEY: pd.Series(cells.obs[LABEL_KEY].astype(str).to_numpy())
+            .groupby(codes)
+            .agg(lambda v: v.value_counts().sort_index().idxmax())
+            .to_numpy(),
+            "n_cells": np.asarray(members.sum(1)).ravel().astype(int),
+        },
+        index=pd.Index(names.astype(str), name=None),
+    )
+    obs[PATIENT_KEY] = obs[SAMPLE_KEY]
+    adata = AnnData(X=counts, obs=obs, var=cells.var[[]].copy())
+    adata.layers["counts"] = adata.X.copy()
+    adata.obsm["spatial"] = (members @ xy) / obs["n_cells"].to_numpy()[:, None]
+    first = pd.DataFrame(grid).groupby(codes).first().to_numpy()  # the spot's square
+    adata.obs["x_array"], adata.obs["y_array"] = first[:, 0], first[:, 1]
+    return _tidy(adata, "none")
+
+
 def _her2st_morphology(adata: AnnData, cache_dir: Path | None) -> tuple[np.ndarray | None, str]:
     """Stain-texture morphology of the 8 her2st sections with an image, cached on disk."""
     from histovi.pp import embed_morphology
@@ -194,6 +237,8 @@ def load_raw(name: str, cache_dir: str | os.PathLike | None = None) -> AnnData:
         return _sim(name)
     if name == "her2st":
         return _her2st(Path(cache_dir) if cache_dir else None)
+    if name == "starmap_spots":
+        return _starmap_spots()
     return _starmap(view=name == "starmap_view")
 
 

@@ -141,6 +141,14 @@ def test_studies_are_laid_out_alike():
     assert view.obs["patient"].nunique() == 3 and view.obsm["X_morphology"].shape[1] == 32
     shift = pd.DataFrame(view.obsm["X_morphology"]).groupby(view.obs["sample"].to_numpy()).mean()
     assert shift.std().mean() > 1  # the view is mostly section identity
+    cells = _data.load_raw("starmap")
+    spots = _data.load("starmap_spots")
+    # every cell in exactly one spot, its counts kept; spots hold a Visium-like handful of cells
+    assert spots.obs["n_cells"].sum() == cells.n_obs
+    assert spots.layers["counts"].sum() == cells.layers["counts"].sum()
+    assert 3 <= spots.obs["n_cells"].median() <= 8 and spots.obs["label"].notna().all()
+    assert set(spots.obs["label"]) == set(cells.obs["label"].astype(str))
+    assert not spots.obs.duplicated(["sample", "x_array", "y_array"]).any()
 
 
 def test_scaling_step_mode(tmp_path):
