@@ -5,8 +5,9 @@ Every method reads the same prepared AnnData (:mod:`_data`): raw counts of the s
 has one, ``obsm['X_morphology']``. Spatial methods build their graph within each section and
 train on the pooled sections. The training seed is the clustering seed. A method returns one
 embedding, or a dict ``suffix -> embedding`` when one training gives several (``''``: the
-method's own name; ``'@own'``: HistoVI's own latent; ``'+agg'``: scVI's latent aggregated over
-two rings, the CellCharter recipe). Heavy libraries are imported inside the functions.
+method's own name; ``'@own'``: HistoVI's own latent; ``'+anchors'``: HistoVI's latent averaged
+half-way to its mutual nearest neighbours in other sections (:func:`anchor_sections`); ``'+agg'``:
+scVI's latent aggregated over two rings, the CellCharter recipe). Heavy libraries are imported inside the functions.
 
 Variant syntax (one for every model): ``BASE`` or ``BASE:key=value,...`` with ``BASE`` a
 HistoVI shorthand (:data:`VARIANTS`) or ``scVI``; keys ``plan.*`` go to the training plan,
@@ -40,7 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "HistoVI-noSpatial": {"spatial_context": False},
 }
 #: Derived embeddings: tag -> the suffix a method's training returns it under.
-TAGS = ("@own", "+agg")
+TAGS = ("@own", "+anchors", "+agg")
 
 
 class NotApplicable(Exception):
@@ -134,6 +135,16 @@ def aggregate(adata: AnnData, Z: np.ndarray, n_hops: int = 2) -> np.ndarray:
     return histovi.tl.aggregate_neighbors(
         light, "Z", n_hops=n_hops, neighbors_key=NEIGHBORS_KEY, sample_key=SAMPLE_KEY, inplace=False
     )
+
+
+def anchor_sections(adata: AnnData, Z: np.ndarray) -> np.ndarray:
+    """``Z`` moved half-way to its anchors in other sections (:func:`histovi.tl.anchor_sections`,
+    its defaults)."""
+    import histovi
+
+    light = AnnData(obs=adata.obs[[SAMPLE_KEY]].copy(), shape=(adata.n_obs, 0))
+    light.obsm["Z"] = Z
+    return histovi.tl.anchor_sections(light, "Z", sample_key=SAMPLE_KEY, inplace=False)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -429,11 +440,13 @@ def fit_histovi(adata: AnnData, seed: int, ctx: Context, spec: dict | None = Non
 
 
 def histovi_(adata: AnnData, seed: int, ctx: Context, spec: dict | None = None) -> dict:
-    """HistoVI: the domain latent (``get_latent_representation()``) and, as ``@own``, each
-    spot's own latent (``spatial=False``) of the same model."""
+    """HistoVI: the domain latent (``get_latent_representation()``), as ``@own`` each spot's own
+    latent (``spatial=False``) of the same model, as ``+anchors`` the domain latent averaged
+    with its anchors in other sections (:func:`anchor_sections`)."""
     model = fit_histovi(adata, seed, ctx, spec)
     own = model.get_latent_representation(spatial=False)
-    return {"": model.get_latent_representation(), "@own": own}
+    z = model.get_latent_representation()
+    return {"": z, "@own": own, "+anchors": anchor_sections(adata, z)}
 
 
 # --------------------------------------------------------------------------- registry
@@ -504,7 +517,7 @@ def check_name(name: str) -> None:
     """Refuse an unknown method or a tag its job does not produce."""
     job, tag = split_tag(name)
     resolve(job)
-    produced = {"@own": (*VARIANTS,), "+agg": ("scVI",)}
+    produced = {"@own": (*VARIANTS,), "+anchors": (*VARIANTS,), "+agg": ("scVI",)}
     if tag and job.partition(":")[0] not in produced[tag]:
         raise KeyError(f"{name!r}: {tag} is given by {list(produced[tag])} and their variants.")
 

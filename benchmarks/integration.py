@@ -274,7 +274,11 @@ def method_row(name: str, per: pd.DataFrame, scores: pd.DataFrame, recs: list[di
         sorted({str(r["info"]["epochs"]) for r in recs if "epochs" in r["info"]})
     )
     tag = _methods.split_tag(name)[1]
-    extra = {"+agg": " + aggregate_neighbors(n_hops=2)", "@own": "; own latent (spatial=False)"}
+    extra = {
+        "+agg": " + aggregate_neighbors(n_hops=2)",
+        "@own": "; own latent (spatial=False)",
+        "+anchors": " + tl.anchor_sections (10 mutual neighbours, share 0.5)",
+    }
     row["settings"] = recs[0]["info"].get("settings", "") + extra.get(tag, "")
     return row
 

@@ -1661,6 +1661,30 @@ CASES = [
         "obsm['X_pca']",
         ("use_rep=",),
     ),
+    Case(
+        "tl.anchor_sections",
+        "share-above-one",
+        lambda c: histovi.tl.anchor_sections(latent(c), share=1.5),
+        ValueError,
+        "share=1.5",
+        ("between 0 and 1",),
+    ),
+    Case(
+        "tl.anchor_sections",
+        "missing-sample-column",
+        lambda c: histovi.tl.anchor_sections(latent(c), sample_key="slide"),
+        KeyError,
+        "obs['slide']",
+        ("available",),
+    ),
+    Case(
+        "tl.anchor_sections",
+        "replaces-input",
+        lambda c: histovi.tl.anchor_sections(latent(c), key_added="X_histovi"),
+        ValueError,
+        "key_added='X_histovi'",
+        ("another key_added",),
+    ),
     # -------------------------------------------------------------- metrics
     Case(
         "metrics.per_sample_scores",

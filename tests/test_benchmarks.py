@@ -77,7 +77,8 @@ def test_variant_syntax_and_registry():
     assert integration.expand(["histovi"])[:2] == ["HistoVI", "HistoVI@own"]
     for name in ("HistoVI:view_gating=False@own", "scVI:n_hidden=32", "STAGATE", "Novae"):
         _methods.check_name(name)
-    for bad in ("Foo", "PCA@own", "Foo:x=1", "HistoVI:use_niche"):
+    _methods.check_name("HistoVI-noMorph+anchors")
+    for bad in ("Foo", "PCA@own", "scVI+anchors", "Foo:x=1", "HistoVI:use_niche"):
         with pytest.raises((KeyError, ValueError)):
             _methods.check_name(bad)
     assert _harness.safe_name("HistoVI:a=0.1") != _harness.safe_name("HistoVI:a=0_1")

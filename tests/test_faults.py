@@ -703,6 +703,13 @@ MODIFIES = [
         "latent",
     ),
     (
+        "tl.anchor_sections",
+        lambda a, m: histovi.tl.anchor_sections(a),
+        [r"obsm/X_histovi_anchored", r"uns/histovi/anchor_sections/.*"],
+        "obsm/X_histovi_anchored",
+        "latent",
+    ),
+    (
         "tl.transfer_labels (reference)",
         lambda a, m: histovi.tl.transfer_labels(a, a.copy(), label_key="domain"),
         [],
@@ -768,6 +775,13 @@ MODIFIES = [
     (
         "tl.aggregate_neighbors (inplace=False)",
         lambda a, m: histovi.tl.aggregate_neighbors(a, "X_histovi", n_hops=1, inplace=False),
+        [],
+        None,
+        "latent",
+    ),
+    (
+        "tl.anchor_sections (inplace=False)",
+        lambda a, m: histovi.tl.anchor_sections(a, inplace=False),
         [],
         None,
         "latent",

@@ -1,4 +1,5 @@
-"""Tests of histovi.tl: domains, spatial smoothing, label transfer, neighbourhood aggregation."""
+"""Tests of histovi.tl: domains, spatial smoothing, label transfer, neighbourhood aggregation,
+anchors across sections."""
 
 from __future__ import annotations
 
@@ -234,3 +235,28 @@ def test_aggregate_neighbors_stays_in_sample_and_fills_empty_rings():
     np.testing.assert_allclose(out[2], [100, 100, 100])  # isolated in its sample
     with raises_naming(ValueError, "n_hops=0", "positive integer"):
         tl.aggregate_neighbors(adata, "X_rep", n_hops=0)
+
+
+def test_anchor_sections_meets_anchors_half_way_and_leaves_the_rest():
+    a = np.arange(30.0)[:, None] * np.array([[1.0, 2.0, 0.0]])  # spots 2.2 apart
+    shifted = a + np.array([0.3, 0.0, 0.0])  # section t: section s moved a little
+    X = np.vstack([a, shifted, [[50.0, 50.0, 50.0]]])
+    adata = ad.AnnData(
+        np.zeros((len(X), 1), dtype=np.float32),
+        obs=pd.DataFrame({"sample": ["s"] * 30 + ["t"] * 31}, index=[str(i) for i in range(61)]),
+    )
+    adata.obsm["X_histovi"] = X.copy()
+    tl.anchor_sections(adata, n_neighbors=1)
+    out = adata.obsm["X_histovi_anchored"]
+    # each spot's anchor is its copy in the other section: both meet half-way
+    np.testing.assert_allclose(out[:30], out[30:60], atol=1e-5)
+    np.testing.assert_allclose(out[:30], a + [0.15, 0, 0], atol=1e-5)
+    np.testing.assert_array_equal(out[60], X[60])  # no anchor (a domain of one section): kept
+    np.testing.assert_array_equal(adata.obsm["X_histovi"], X)  # input untouched
+    record = adata.uns["histovi"]["anchor_sections"]["X_histovi_anchored"]
+    assert record["share"] == 0.5 and record["spots_with_anchors"] == pytest.approx(60 / 61)
+    onto = tl.anchor_sections(adata, n_neighbors=1, share=1.0, inplace=False)
+    np.testing.assert_allclose(onto[:30], shifted, atol=1e-5)  # share 1: onto the anchors
+    adata.obs["sample"] = "one"
+    alone = tl.anchor_sections(adata, inplace=False)
+    np.testing.assert_allclose(alone, X)  # one section: nothing to anchor to
